@@ -1,0 +1,1 @@
+"""Alarm rules, the alarm state machine and escalation (pure logic, no IO)."""

@@ -1,0 +1,1 @@
+"""Per-resident activity models and reports (arrives with the analytics issue)."""

@@ -1,0 +1,1 @@
+"""The edge gateway daemon (arrives with the edge issue)."""

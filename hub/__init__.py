@@ -1,0 +1,1 @@
+"""The composition root: settings, storage, ingest, API, CLI."""

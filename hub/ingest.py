@@ -1,0 +1,394 @@
+"""MQTT ingest: from ``telecare/v1/+/events`` to committed rows, at least once, end to end.
+
+The subscriber keeps a persistent session (a fixed client id, no clean start) and turns
+off automatic acknowledgement: a message is acknowledged (PUBACK) only after the
+transaction holding its events has committed. If the hub dies in between, the broker
+redelivers the message, and the writer's idempotency on the event id keeps the store
+exact. Messages are parsed as they arrive and written in batches bounded by size and by
+a short window; a message with an alarm-relevant event flushes at once.
+
+Anything that cannot be stored as an event (bad JSON, an unknown kind, a topic whose
+gateway does not match the events, an unregistered gateway) is written to the
+quarantine table with the reason and acknowledged like any other message: it is kept,
+counted, and never stops the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import aiomqtt
+import paho.mqtt.client as paho
+import psycopg
+import psycopg_pool
+import structlog
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from pydantic import ValidationError
+
+from devices.errors import InvalidEventError
+from devices.events import DeviceEvent, describe_validation_error, is_identifier, parse_envelope
+from devices.events import parse_event as _parse_event
+from devices.gateway import GatewayStatus
+from hub.metrics import HubMetrics
+from hub.settings import IngestSettings, MqttEndpoint
+from hub.store.writer import (
+    EventWriter,
+    FlushRequest,
+    FlushResult,
+    QuarantineRecord,
+    StatusUpdate,
+)
+
+log = structlog.get_logger(__name__)
+
+EVENTS_TOPIC = "telecare/v1/+/events"
+STATUS_TOPIC = "telecare/v1/+/status"
+
+
+@dataclass(slots=True)
+class Inbound:
+    """One MQTT message, parsed, waiting for its flush and then its PUBACK."""
+
+    mid: int
+    qos: int
+    generation: int
+    received_mono: float
+    events: list[tuple[DeviceEvent, datetime]] = field(default_factory=list)
+    quarantine: list[QuarantineRecord] = field(default_factory=list)
+    statuses: list[StatusUpdate] = field(default_factory=list)
+    urgent: bool = False
+
+
+def enable_manual_ack(client: aiomqtt.Client) -> None:
+    """Turn off paho's automatic PUBACK on an aiomqtt client, before it connects.
+
+    aiomqtt 2.5 has no public way to do this (empicano/aiomqtt#345, PR #346 unmerged);
+    paho 2.x has ``manual_ack_set``/``ack``. This function and ``ack`` below are the only
+    places that reach into aiomqtt's private paho client.
+    """
+    client._client.manual_ack_set(True)  # noqa: SLF001 - see the docstring
+
+
+def ack(client: aiomqtt.Client, mid: int, qos: int) -> None:
+    """Send the PUBACK for one received message (QoS 1) or PUBREC (QoS 2)."""
+    if qos > 0:
+        client._client.ack(mid, qos)  # noqa: SLF001 - see enable_manual_ack
+
+
+def make_client(
+    endpoint: MqttEndpoint, settings: IngestSettings, *, embedded: bool
+) -> aiomqtt.Client:
+    """An aiomqtt client with a persistent session and manual acknowledgement."""
+    use_v5 = settings.protocol == "5" or (settings.protocol == "auto" and not embedded)
+    kwargs: dict[str, Any] = {}
+    if use_v5:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = settings.session_expiry_s
+        props.ReceiveMaximum = settings.receive_maximum
+        kwargs.update(
+            protocol=aiomqtt.ProtocolVersion.V5, clean_start=False, properties=props
+        )
+    else:
+        kwargs.update(protocol=aiomqtt.ProtocolVersion.V311, clean_session=False)
+    client = aiomqtt.Client(
+        endpoint.host,
+        endpoint.port,
+        identifier=settings.client_id,
+        username=endpoint.username,
+        password=endpoint.password.get_secret_value() if endpoint.password else None,
+        tls_params=aiomqtt.TLSParameters() if endpoint.tls else None,
+        keepalive=30,
+        timeout=10,
+        **kwargs,
+    )
+    enable_manual_ack(client)
+    return client
+
+
+class Ingest:
+    """The subscriber, the batcher and the flusher of one hub process."""
+
+    def __init__(
+        self,
+        *,
+        endpoint: MqttEndpoint,
+        settings: IngestSettings,
+        pool: psycopg_pool.AsyncConnectionPool[Any],
+        metrics: HubMetrics,
+        embedded_broker: bool = False,
+        writer: EventWriter | None = None,
+        on_flush: Callable[[FlushResult], None] | None = None,
+    ) -> None:
+        self._endpoint = endpoint
+        self._settings = settings
+        self._pool = pool
+        self._metrics = metrics
+        self._embedded = embedded_broker
+        self._writer = writer or EventWriter()
+        self._on_flush = on_flush
+        self._pending: list[Inbound] = []
+        self._pending_events = 0
+        self._has_work = asyncio.Event()
+        self._flush_now = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._client: aiomqtt.Client | None = None
+        self._generation = 0
+        self.connected = asyncio.Event()
+
+    # --- the subscriber -------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Consume until cancelled; reconnect with backoff when the broker goes away."""
+        flusher = asyncio.create_task(self._flush_loop(), name="ingest-flusher")
+        try:
+            await self._consume_forever()
+        finally:
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+
+    async def _consume_forever(self) -> None:
+        delay = self._settings.reconnect_min_s
+        while True:
+            try:
+                async with make_client(
+                    self._endpoint, self._settings, embedded=self._embedded
+                ) as client:
+                    await self._subscribed(client)
+                    delay = self._settings.reconnect_min_s
+                    await self._consume(client)
+            except aiomqtt.MqttError as exc:
+                self._disconnected()
+                self._metrics.mqtt_reconnects.inc()
+                log.warning("mqtt_disconnected", error=str(exc), retry_in_s=round(delay, 2))
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # noqa: S311 - jitter
+            delay = min(delay * 2, self._settings.reconnect_max_s)
+
+    async def _subscribed(self, client: aiomqtt.Client) -> None:
+        self._generation += 1
+        self._client = client
+        events_topic = EVENTS_TOPIC
+        if self._settings.shared_group:
+            events_topic = f"$share/{self._settings.shared_group}/{EVENTS_TOPIC}"
+        await client.subscribe([(events_topic, 1), (STATUS_TOPIC, 1)])
+        self.connected.set()
+        self._metrics.mqtt_connected.set(1)
+        log.info("mqtt_subscribed", topic=events_topic, generation=self._generation)
+
+    def _disconnected(self) -> None:
+        self._client = None
+        self.connected.clear()
+        self._metrics.mqtt_connected.set(0)
+
+    async def _consume(self, client: aiomqtt.Client) -> None:
+        generation = self._generation
+        async for message in client.messages:
+            if not self._room.is_set():
+                await self._room.wait()
+            self._metrics.messages_received.inc()
+            self._accept(self.parse(message, generation))
+
+    # --- parsing --------------------------------------------------------------------
+
+    def parse(self, message: aiomqtt.Message, generation: int) -> Inbound:
+        """Turn one message into what it asks to be written. Never raises."""
+        inbound = Inbound(
+            mid=message.mid, qos=message.qos, generation=generation,
+            received_mono=time.monotonic(),
+        )  # fmt: skip
+        topic = message.topic.value
+        raw = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
+        parts = topic.split("/")
+        if len(parts) != 4 or parts[:2] != ["telecare", "v1"] or not is_identifier(parts[2]):
+            self._reject(inbound, topic, raw, "bad_topic", f"unexpected topic {topic!r}")
+        elif parts[3] == "events":
+            self._parse_events(inbound, topic, parts[2], raw)
+        elif parts[3] == "status":
+            self._parse_status(inbound, topic, parts[2], raw)
+        else:
+            self._reject(inbound, topic, raw, "bad_topic", f"unexpected topic {topic!r}")
+        return inbound
+
+    def _parse_events(self, inbound: Inbound, topic: str, gateway_id: str, raw: bytes) -> None:
+        now = datetime.now(UTC)
+        try:
+            events = parse_envelope(raw).events
+        except InvalidEventError as exc:
+            if exc.reason in {"invalid_json", "envelope_size"}:
+                self._reject(inbound, topic, raw, exc.reason, str(exc), gateway_id)
+                return
+            events = self._salvage(inbound, topic, gateway_id, raw)
+        for event in events:
+            if event.gateway_id != gateway_id:
+                self._reject(
+                    inbound, topic, event.model_dump_json().encode(), "gateway_mismatch",
+                    f"event {event.id} names gateway {event.gateway_id!r} but came on the"
+                    f" topic of {gateway_id!r}; a gateway may publish only its own events",
+                    gateway_id,
+                )  # fmt: skip
+                continue
+            inbound.events.append((event, now))
+            inbound.urgent = inbound.urgent or event.alarm_relevant
+
+    def _salvage(
+        self, inbound: Inbound, topic: str, gateway_id: str, raw: bytes
+    ) -> list[DeviceEvent]:
+        """An envelope with some bad events: keep the good ones, quarantine each bad one."""
+        items = json.loads(raw)["events"]  # parse_envelope got past JSON and the list size
+        good: list[DeviceEvent] = []
+        for index, item in enumerate(items):
+            try:
+                good.append(_parse_event(item if isinstance(item, dict) else {"_": item}))
+            except InvalidEventError as exc:
+                self._reject(
+                    inbound, topic, json.dumps(item).encode(), exc.reason,
+                    f"events.{index}: {exc}", gateway_id,
+                )  # fmt: skip
+        return good
+
+    def _parse_status(self, inbound: Inbound, topic: str, gateway_id: str, raw: bytes) -> None:
+        if not raw:
+            return  # a retained status being cleared: nothing to record
+        try:
+            status = GatewayStatus.model_validate_json(raw)
+        except ValidationError as exc:
+            self._reject(
+                inbound, topic, raw, "invalid_status", describe_validation_error(exc), gateway_id
+            )
+            return
+        inbound.statuses.append(StatusUpdate(gateway_id, status))
+
+    def _reject(
+        self,
+        inbound: Inbound,
+        topic: str,
+        raw: bytes,
+        reason: str,
+        detail: str,
+        gateway_id: str | None = None,
+    ) -> None:
+        limit = self._settings.quarantine_raw_max_bytes
+        inbound.quarantine.append(
+            QuarantineRecord(
+                topic=topic[:512], reason=reason, detail=detail[:2000],
+                payload=raw[:limit], payload_size=len(raw), gateway_id=gateway_id,
+            )  # fmt: skip
+        )
+
+    # --- batching and flushing ------------------------------------------------------
+
+    def _accept(self, inbound: Inbound) -> None:
+        self._pending.append(inbound)
+        self._pending_events += len(inbound.events)
+        self._metrics.pending_events.set(self._pending_events)
+        self._has_work.set()
+        if inbound.urgent or self._pending_events >= self._settings.batch_max_events:
+            self._flush_now.set()
+        if self._pending_events >= self._settings.max_pending_events:
+            self._room.clear()
+
+    async def _flush_loop(self) -> None:
+        window = self._settings.batch_window_ms / 1000
+        while True:
+            await self._has_work.wait()
+            delay = window - (time.monotonic() - self._pending[0].received_mono)
+            if delay > 0 and not self._flush_now.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._flush_now.wait(), delay)
+            batch, self._pending = self._pending, []
+            self._pending_events = 0
+            self._has_work.clear()
+            self._flush_now.clear()
+            await self._flush(batch)
+            self._room.set()
+
+    async def _flush(self, batch: list[Inbound]) -> None:
+        results = await self._write_with_retry(batch)
+        committed = time.monotonic()
+        client, generation = self._client, self._generation
+        for inbound in batch:
+            self._metrics.ingest_lag.observe(committed - inbound.received_mono)
+            # A message from an earlier connection cannot be acknowledged on this one (its
+            # packet id may now name another message); the broker redelivers it and the
+            # writer counts it as a duplicate.
+            if client is not None and inbound.generation == generation:
+                try:
+                    ack(client, inbound.mid, inbound.qos)
+                except Exception as exc:  # noqa: BLE001 - paho raises on a closed socket
+                    log.warning("mqtt_ack_failed", error=str(exc))
+        for result in results:
+            self._record(result)
+
+    def _record(self, result: FlushResult) -> None:
+        m = self._metrics
+        m.events_ingested.inc(result.inserted)
+        m.events_duplicate.inc(result.duplicates)
+        m.batch_events.observe(result.inserted + result.duplicates)
+        for record in result.quarantined:
+            m.messages_quarantined.labels(reason=record.reason).inc()
+            log.warning(
+                "message_quarantined", reason=record.reason, topic=record.topic,
+                gateway_id=record.gateway_id,
+            )  # fmt: skip
+        for alarm in result.alarms:
+            if alarm.new:
+                m.alarms_raised.labels(priority=alarm.priority).inc()
+                log.info("alarm_raised", alarm_id=str(alarm.alarm_id), priority=alarm.priority)
+            else:
+                m.alarm_triggers_joined.inc()
+        if self._on_flush is not None:
+            self._on_flush(result)
+
+    async def _write_with_retry(self, batch: list[Inbound]) -> list[FlushResult]:
+        """Write the batch; retry while the database is away; isolate poison messages."""
+        delay = 0.1
+        while True:
+            try:
+                return [await self._write(batch)]
+            except (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError) as exc:
+                log.error("ingest_batch_rejected", error=str(exc), messages=len(batch))
+                return [await self._write_alone(inbound) for inbound in batch]
+            except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+                self._metrics.flush_errors.inc()
+                log.error("ingest_flush_failed", error=str(exc), retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _write(self, batch: list[Inbound]) -> FlushResult:
+        request = FlushRequest()
+        for inbound in batch:
+            request.events.extend(inbound.events)
+            request.quarantine.extend(inbound.quarantine)
+            request.statuses.extend(inbound.statuses)
+        async with self._pool.connection() as conn:
+            return await self._writer.write(conn, request)
+
+    async def _write_alone(self, inbound: Inbound) -> FlushResult:
+        """One message in its own transaction; if the database refuses it, quarantine it."""
+        while True:
+            try:
+                return await self._write([inbound])
+            except (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError) as exc:
+                rejected = Inbound(inbound.mid, inbound.qos, inbound.generation, 0.0)
+                for event, _ in inbound.events:
+                    self._reject(
+                        rejected, f"telecare/v1/{event.gateway_id}/events",
+                        event.model_dump_json().encode(), "rejected_by_database",
+                        str(exc), event.gateway_id,
+                    )  # fmt: skip
+                rejected.quarantine.extend(inbound.quarantine)
+                inbound = rejected
+            except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+                self._metrics.flush_errors.inc()
+                log.error("ingest_flush_failed", error=str(exc), retry_in_s=1.0)
+                await asyncio.sleep(1.0)

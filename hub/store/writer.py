@@ -1,0 +1,356 @@
+"""One flush of the ingest: events, alarms, quarantine and gateway status in one commit.
+
+Everything a batch of MQTT messages asks for is written in a single transaction, and
+only after it commits are those messages acknowledged to the broker. So an event is
+either stored (with the alarm it raised) and acknowledged, or neither, and the broker
+redelivers it.
+
+Events go in with COPY (binary) straight into ``events``. If the batch holds an id that
+is already stored (a redelivery), that COPY fails on the primary key and the batch goes
+through a staging table and ``INSERT ... ON CONFLICT DO NOTHING``: duplicates are
+counted, never stored twice. Redeliveries are rare, so the fast path is the usual one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from uuid import UUID
+
+import psycopg
+import structlog
+from psycopg.types.json import Jsonb
+
+from alarms.rules import AlarmTrigger, trigger_for
+from devices.events import DeviceEvent
+from devices.gateway import GatewayStatus
+from devices.ids import uuid7
+
+log = structlog.get_logger(__name__)
+
+EVENT_COLUMNS = (
+    "id, time, gateway_time, received_at, gateway_id, device_id, device_type, kind, payload"
+)
+_EVENT_TYPES = [
+    "uuid", "timestamptz", "timestamptz", "timestamptz", "text", "text", "text", "text", "jsonb",
+]  # fmt: skip
+_COPY_EVENTS = f"COPY events ({EVENT_COLUMNS}) FROM STDIN (FORMAT BINARY)"
+_COPY_STAGE = f"COPY events_stage ({EVENT_COLUMNS}) FROM STDIN (FORMAT BINARY)"
+_CREATE_STAGE = (
+    "CREATE TEMP TABLE IF NOT EXISTS events_stage"
+    " (LIKE events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+)
+_INSERT_FROM_STAGE = (
+    f"INSERT INTO events ({EVENT_COLUMNS}) SELECT {EVENT_COLUMNS} FROM events_stage"
+    " ON CONFLICT DO NOTHING RETURNING id"
+)
+_UPSERT_ALARM = """
+INSERT INTO alarms (id, site_id, resident_id, gateway_id, device_id, category, priority,
+                    state, trigger_event_id, trigger_time, raised_at, updated_at)
+VALUES (%(id)s, %(site_id)s, %(resident_id)s, %(gateway_id)s, %(device_id)s, %(category)s,
+        %(priority)s, 'raised', %(event_id)s, %(event_time)s, now(), now())
+ON CONFLICT (site_id, (coalesce(resident_id, '')), category)
+    WHERE state IN ('raised', 'acknowledged', 'on_site')
+DO UPDATE SET
+    trigger_count = alarms.trigger_count + 1,
+    updated_at = now(),
+    priority = CASE
+        WHEN array_position(%(ranks)s::text[], excluded.priority)
+             > array_position(%(ranks)s::text[], alarms.priority)
+        THEN excluded.priority ELSE alarms.priority END
+RETURNING id, priority, (xmax = 0) AS raised
+"""
+_PRIORITY_RANKS = ["technical", "normal", "high", "critical"]
+
+
+def _identity(text: str) -> str:
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantineRecord:
+    topic: str
+    reason: str
+    detail: str
+    payload: bytes
+    payload_size: int
+    gateway_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StatusUpdate:
+    gateway_id: str
+    status: GatewayStatus
+
+
+@dataclass(frozen=True, slots=True)
+class RaisedAlarm:
+    alarm_id: UUID
+    priority: str
+    event_id: UUID
+    new: bool
+
+
+@dataclass(slots=True)
+class FlushRequest:
+    """What one flush must write. ``received_at`` is per event id (hub clock)."""
+
+    events: list[tuple[DeviceEvent, datetime]] = field(default_factory=list)
+    quarantine: list[QuarantineRecord] = field(default_factory=list)
+    statuses: list[StatusUpdate] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class FlushResult:
+    inserted: int = 0
+    duplicates: int = 0
+    alarms: list[RaisedAlarm] = field(default_factory=list)
+    quarantined: list[QuarantineRecord] = field(default_factory=list)
+
+
+class GatewayRegistry:
+    """Registered gateways and their sites, cached; reloaded when an unknown one appears."""
+
+    def __init__(self) -> None:
+        self._sites: dict[str, str] = {}
+
+    def site_of(self, gateway_id: str) -> str | None:
+        return self._sites.get(gateway_id)
+
+    async def ensure(
+        self, conn: psycopg.AsyncConnection[object], gateway_ids: Iterable[str]
+    ) -> None:
+        if any(gw not in self._sites for gw in gateway_ids):
+            cur = await conn.execute("SELECT id, site_id FROM gateways")
+            self._sites = {gw: site for gw, site in await cur.fetchall()}
+
+
+class EventWriter:
+    """Writes a ``FlushRequest`` in one transaction on the connection it is given."""
+
+    def __init__(self, registry: GatewayRegistry | None = None) -> None:
+        self.registry = registry or GatewayRegistry()
+
+    async def write(
+        self, conn: psycopg.AsyncConnection[object], request: FlushRequest
+    ) -> FlushResult:
+        result = FlushResult(quarantined=list(request.quarantine))
+        async with conn.transaction():
+            await self.registry.ensure(
+                conn,
+                {e.gateway_id for e, _ in request.events}
+                | {s.gateway_id for s in request.statuses},
+            )
+            events = self._registered_events(request.events, result)
+            rows = self._unique_rows(events, result)
+            inserted_ids = await self._insert_events(conn, rows, result)
+            await self._raise_alarms(conn, events, inserted_ids, result)
+            await self._update_statuses(conn, request.statuses, result)
+            await self._quarantine(conn, result.quarantined)
+        return result
+
+    def _registered_events(
+        self, events: list[tuple[DeviceEvent, datetime]], result: FlushResult
+    ) -> list[tuple[DeviceEvent, datetime]]:
+        kept = []
+        for event, received_at in events:
+            if self.registry.site_of(event.gateway_id) is None:
+                result.quarantined.append(
+                    QuarantineRecord(
+                        topic=f"telecare/v1/{event.gateway_id}/events",
+                        reason="unregistered_gateway",
+                        detail=f"gateway {event.gateway_id!r} is not registered;"
+                        " add it with 'telecare admin import'",
+                        payload=event.model_dump_json().encode(),
+                        payload_size=0,
+                        gateway_id=event.gateway_id,
+                    )
+                )
+            else:
+                kept.append((event, received_at))
+        return kept
+
+    @staticmethod
+    def _unique_rows(
+        events: list[tuple[DeviceEvent, datetime]], result: FlushResult
+    ) -> list[tuple[object, ...]]:
+        seen: set[UUID] = set()
+        rows: list[tuple[object, ...]] = []
+        for event, received_at in events:
+            if event.id in seen:
+                result.duplicates += 1
+                continue
+            seen.add(event.id)
+            rows.append(
+                (
+                    event.id,
+                    event.time,
+                    event.gateway_time,
+                    received_at,
+                    event.gateway_id,
+                    event.device_id,
+                    str(event.device_type),
+                    event.kind,
+                    Jsonb(event.payload.model_dump_json(), dumps=_identity),
+                )
+            )
+        return rows
+
+    async def _insert_events(
+        self,
+        conn: psycopg.AsyncConnection[object],
+        rows: Sequence[tuple[object, ...]],
+        result: FlushResult,
+    ) -> set[UUID] | None:
+        """COPY the rows in; returns the ids inserted, or None meaning all of them."""
+        if not rows:
+            return set()
+        try:
+            async with conn.transaction():  # a savepoint: a duplicate rolls back only this
+                await self._copy(conn, _COPY_EVENTS, rows)
+        except psycopg.errors.UniqueViolation:
+            await conn.execute(_CREATE_STAGE)
+            await self._copy(conn, _COPY_STAGE, rows)
+            cur = await conn.execute(_INSERT_FROM_STAGE)
+            inserted = {row[0] for row in await cur.fetchall()}
+            result.inserted += len(inserted)
+            result.duplicates += len(rows) - len(inserted)
+            return inserted
+        result.inserted += len(rows)
+        return None
+
+    @staticmethod
+    async def _copy(
+        conn: psycopg.AsyncConnection[object], statement: str, rows: Sequence[tuple[object, ...]]
+    ) -> None:
+        async with conn.cursor().copy(statement) as copy:
+            copy.set_types(_EVENT_TYPES)
+            for row in rows:
+                await copy.write_row(row)
+
+    async def _raise_alarms(
+        self,
+        conn: psycopg.AsyncConnection[object],
+        events: list[tuple[DeviceEvent, datetime]],
+        inserted_ids: set[UUID] | None,
+        result: FlushResult,
+    ) -> None:
+        for event, received_at in events:
+            if not event.alarm_relevant:
+                continue
+            if inserted_ids is not None and event.id not in inserted_ids:
+                continue  # a duplicate: it raised its alarm when first stored
+            trigger = trigger_for(event)
+            if trigger is not None:
+                result.alarms.append(
+                    await self._raise(conn, event, received_at, trigger)
+                )
+
+    async def _raise(
+        self,
+        conn: psycopg.AsyncConnection[object],
+        event: DeviceEvent,
+        received_at: datetime,
+        trigger: AlarmTrigger,
+    ) -> RaisedAlarm:
+        cur = await conn.execute(
+            "SELECT resident_id FROM devices WHERE gateway_id = %s AND id = %s",
+            (event.gateway_id, event.device_id),
+        )
+        device = await cur.fetchone()
+        cur = await conn.execute(
+            _UPSERT_ALARM,
+            {
+                "id": uuid7(),
+                "site_id": self.registry.site_of(event.gateway_id),
+                "resident_id": device[0] if device else None,
+                "gateway_id": event.gateway_id,
+                "device_id": event.device_id,
+                "category": trigger.category,
+                "priority": trigger.priority.value,
+                "event_id": event.id,
+                "event_time": event.time,
+                "ranks": _PRIORITY_RANKS,
+            },
+        )
+        row = await cur.fetchone()
+        assert row is not None  # noqa: S101 - INSERT ... RETURNING always returns the row
+        alarm_id, priority, raised = row
+        await conn.execute(
+            "INSERT INTO alarm_triggers (alarm_id, event_id, event_time, kind, device_id,"
+            " received_at) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+            (alarm_id, event.id, event.time, event.kind, event.device_id, received_at),
+        )
+        if raised:
+            await conn.execute(
+                "INSERT INTO alarm_transitions (alarm_id, at, from_state, to_state, actor, reason)"
+                " VALUES (%s, now(), NULL, 'raised', 'system', %s)",
+                (alarm_id, f"{event.kind} from device {event.device_id}"),
+            )
+        return RaisedAlarm(alarm_id=alarm_id, priority=priority, event_id=event.id, new=raised)
+
+    async def _update_statuses(
+        self,
+        conn: psycopg.AsyncConnection[object],
+        statuses: list[StatusUpdate],
+        result: FlushResult,
+    ) -> None:
+        for update in statuses:
+            if self.registry.site_of(update.gateway_id) is None:
+                result.quarantined.append(
+                    QuarantineRecord(
+                        topic=f"telecare/v1/{update.gateway_id}/status",
+                        reason="unregistered_gateway",
+                        detail=f"gateway {update.gateway_id!r} is not registered",
+                        payload=update.status.model_dump_json().encode(),
+                        payload_size=0,
+                        gateway_id=update.gateway_id,
+                    )
+                )
+                continue
+            status = update.status
+            await conn.execute(
+                """
+                UPDATE gateways SET
+                    status_changed_at = CASE WHEN status <> %(state)s THEN now()
+                                             ELSE status_changed_at END,
+                    status = %(state)s,
+                    status_time = coalesce(%(time)s, now()),
+                    version = coalesce(%(version)s, version),
+                    queue_depth = coalesce(%(queue_depth)s, queue_depth),
+                    updated_at = now()
+                WHERE id = %(id)s
+                  AND (status_time IS NULL OR coalesce(%(time)s, now()) >= status_time)
+                """,
+                {
+                    "state": status.state,
+                    "time": status.time,
+                    "version": status.version,
+                    "queue_depth": status.queue_depth,
+                    "id": update.gateway_id,
+                },
+            )
+
+    @staticmethod
+    async def _quarantine(
+        conn: psycopg.AsyncConnection[object], records: list[QuarantineRecord]
+    ) -> None:
+        if not records:
+            return
+        async with conn.cursor() as cur:
+            await cur.executemany(
+                "INSERT INTO quarantine (topic, gateway_id, reason, detail, payload,"
+                " payload_size) VALUES (%s, %s, %s, %s, %s, %s)",
+                [
+                    (
+                        r.topic,
+                        r.gateway_id,
+                        r.reason,
+                        r.detail,
+                        r.payload,
+                        r.payload_size or len(r.payload),
+                    )
+                    for r in records
+                ],
+            )

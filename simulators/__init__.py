@@ -1,0 +1,1 @@
+"""Simulated homes and care homes."""
