@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from alarms.errors import InvalidTransitionError
+from hub.api.pages import router as pages_router
 from hub.api.routes import router
 from hub.errors import NotFoundError
 from hub.runtime import HubRuntime
@@ -41,6 +42,7 @@ def create_app(settings: HubSettings, *, runtime: HubRuntime | None = None) -> F
         redoc_url=None,
     )
     app.include_router(router, prefix=API_PREFIX)
+    app.include_router(pages_router)
     _add_error_handlers(app)
 
     @app.get("/health", tags=["operations"])
