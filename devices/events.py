@@ -46,7 +46,10 @@ Identifier = Annotated[str, StringConstraints(pattern=IDENTIFIER_PATTERN)]
 
 
 def _to_utc(value: datetime) -> datetime:
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("time is out of range once converted to UTC") from None
 
 
 UtcDatetime = Annotated[AwareDatetime, AfterValidator(_to_utc)]
@@ -55,7 +58,7 @@ UtcDatetime = Annotated[AwareDatetime, AfterValidator(_to_utc)]
 
 def is_identifier(value: str) -> bool:
     """True if ``value`` is a valid gateway or device id."""
-    return _IDENTIFIER_RE.match(value) is not None
+    return _IDENTIFIER_RE.fullmatch(value) is not None
 
 
 class DeviceType(StrEnum):

@@ -633,7 +633,7 @@ class EmbeddedBroker:
             "session_expiry_interval": self._session_expiry_s,
             # Only our auth plugin: the default set adds packet/event loggers and $SYS
             # publishing, whose deprecation warning would point at this module.
-            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+            "plugins": {f"{__name__}.{OpenAuthPlugin.__name__}": {}},
         }
 
     async def start(self) -> str:

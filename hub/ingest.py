@@ -227,7 +227,7 @@ class Ingest:
             if exc.reason in {"invalid_json", "envelope_size"}:
                 self._reject(inbound, topic, raw, exc.reason, str(exc), gateway_id)
                 return
-            events = self._salvage(inbound, topic, gateway_id, raw)
+            events = self._salvage(inbound, topic, gateway_id, raw, exc)
         for event in events:
             if event.gateway_id != gateway_id:
                 self._reject(
@@ -241,14 +241,20 @@ class Ingest:
             inbound.urgent = inbound.urgent or event.alarm_relevant
 
     def _salvage(
-        self, inbound: Inbound, topic: str, gateway_id: str, raw: bytes
+        self, inbound: Inbound, topic: str, gateway_id: str, raw: bytes, error: InvalidEventError
     ) -> list[DeviceEvent]:
         """An envelope with some bad events: keep the good ones, quarantine each bad one."""
-        items = json.loads(raw)["events"]  # parse_envelope got past JSON and the list size
+        document = json.loads(raw)  # parse_envelope got past the JSON syntax
+        items = document.get("events") if isinstance(document, dict) else None
+        if not isinstance(items, list):
+            self._reject(inbound, topic, raw, error.reason, str(error), gateway_id)
+            return []
         good: list[DeviceEvent] = []
         for index, item in enumerate(items):
             try:
-                good.append(_parse_event(item if isinstance(item, dict) else {"_": item}))
+                if not isinstance(item, dict):
+                    raise InvalidEventError("invalid_event", "an event must be a JSON object")
+                good.append(_parse_event(item))
             except InvalidEventError as exc:
                 self._reject(
                     inbound, topic, json.dumps(item).encode(), exc.reason,

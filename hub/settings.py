@@ -26,9 +26,11 @@ class MqttEndpoint(BaseModel):
     def from_url(cls, url: str) -> MqttEndpoint:
         parts = urlsplit(url)
         if parts.scheme not in {"mqtt", "mqtts"}:
-            raise ValueError(f"TELECARE_MQTT_URL must start with mqtt:// or mqtts://, got {url!r}")
+            raise ValueError(
+                f"TELECARE_MQTT_URL must start with mqtt:// or mqtts://, not {parts.scheme}://"
+            )
         if not parts.hostname:
-            raise ValueError(f"TELECARE_MQTT_URL has no host: {url!r}")
+            raise ValueError("TELECARE_MQTT_URL has no host")
         tls = parts.scheme == "mqtts"
         return cls(
             host=parts.hostname,
@@ -96,6 +98,7 @@ class HubSettings(BaseSettings):
         env_prefix="TELECARE_",
         env_nested_delimiter="__",
         extra="ignore",
+        hide_input_in_errors=True,  # URLs carry passwords
     )
 
     database_url: SecretStr | None = Field(

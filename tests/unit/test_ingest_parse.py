@@ -167,10 +167,6 @@ def test_a_topic_of_the_wrong_shape_is_quarantined(topic: str) -> None:
     assert record.gateway_id is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG hub/ingest.py:379: _salvage assumes a JSON object with an 'events' list",
-)
 @pytest.mark.parametrize(
     "raw", [b"[1, 2]", b'"events"', b'{"colour": "red"}', b'{"events": 5}'], ids=str
 )
