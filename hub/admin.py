@@ -84,7 +84,8 @@ def load_registry(path: Path) -> RegistryFile:
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise ConfigurationError(f"{path} is not valid {path.suffix[1:] or 'YAML'}: {exc}") from None
+        kind = "JSON" if path.suffix == ".json" else "YAML"
+        raise ConfigurationError(f"{path} is not valid {kind}: {exc}") from None
     try:
         return RegistryFile.model_validate(data or {})
     except ValidationError as exc:

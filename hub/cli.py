@@ -36,12 +36,12 @@ def _parser() -> argparse.ArgumentParser:
     admin = sub.add_parser("admin", help="registry administration")
     admin_sub = admin.add_subparsers(dest="admin_command", required=True)
     imp = admin_sub.add_parser("import", help="import districts, sites, residents, gateways,"
-                               " devices from a YAML or JSON file")  # fmt: skip
+                               " devices from a YAML or JSON file")
     imp.add_argument("file", type=Path)
     demo = sub.add_parser("demo", help="run the hub with simulated homes")
     demo.add_argument("--homes", type=int, default=20)
     demo.add_argument("--press-every", type=float, default=90.0,
-                      help="mean seconds between pendant presses across all homes")  # fmt: skip
+                      help="mean seconds between pendant presses across all homes")
     bench = sub.add_parser("bench", help="run the benchmarks and write docs/benchmarks.md")
     bench.add_argument("--quick", action="store_true", help="short runs, for a smoke test")
     bench.add_argument("--output", type=Path, default=Path("docs/benchmarks.md"))
@@ -110,9 +110,11 @@ async def _admin_import(settings: HubSettings, path: Path) -> None:
     from hub.runtime import HubRuntime
 
     registry = load_registry(path)
-    async with HubRuntime(settings, run_ingest=False) as runtime:
-        async with await psycopg.AsyncConnection.connect(runtime.database_url) as conn:
-            counts = await import_registry(conn, registry)
+    async with (
+        HubRuntime(settings, run_ingest=False) as runtime,
+        await psycopg.AsyncConnection.connect(runtime.database_url) as conn,
+    ):
+        counts = await import_registry(conn, registry)
     print("imported: " + ", ".join(f"{n} {table}" for table, n in counts.items()))
 
 

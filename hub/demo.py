@@ -45,7 +45,7 @@ async def _demo(settings: HubSettings, *, homes: int, press_every_s: float) -> N
             )
         )
         serving = asyncio.create_task(server.serve())
-        while not server.started and not serving.done():
+        while not server.started and not serving.done():  # noqa: ASYNC110 - uvicorn has no event
             await asyncio.sleep(0.05)
         if server.started:
             _print_banner(settings, runtime, homes)

@@ -66,7 +66,8 @@ Found by experiment with amqtt 0.12.1, aiomqtt 2.5.1 and paho-mqtt 2.2:
   the QoS 1 messages published while it was away, but they arrive with the
   **retain flag set**. Sessions live in memory only, so a broker restart loses them,
   as it loses retained messages.
-* Delivery to a subscriber is one task per message, so order is not guaranteed.
+* Ordering: the broker sends each message from its own task, so order is not
+  guaranteed by design; 1000 concurrent QoS 1 publishes still arrived in order here.
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ def _service_account() -> _RunAs:
     """As root: the ``embedded_postgres`` user, created if missing. Otherwise: ourselves."""
     if os.geteuid() != 0:
         return _RunAs()
-    import pwd  # noqa: PLC0415 - POSIX only, and only needed as root
+    import pwd
 
     try:
         entry = pwd.getpwnam(SERVICE_USER)
@@ -276,7 +277,7 @@ class EmbeddedPostgres:
         """Describe a server; nothing happens until ``start()``."""
         if not 0 <= port <= 65535:
             raise ValueError(f"port out of range: {port}")
-        self.data_dir = Path(data_dir).expanduser().absolute()
+        self.data_dir = Path(data_dir).expanduser().resolve()  # /proc/<pid>/cwd is resolved too
         self._fixed_port = port
         self._port: int | None = None
         self._lock_fd: int | None = None
@@ -640,7 +641,7 @@ class EmbeddedBroker:
         """Bind and start serving; return the broker URL. Idempotent while running."""
         if self._port is not None:
             return self.url
-        from amqtt.broker import Broker  # noqa: PLC0415 - heavy import, only when used
+        from amqtt.broker import Broker
 
         _quiet_amqtt()
         broker = Broker(self._config())

@@ -72,12 +72,12 @@ def demo_registry(homes: list[SimulatedHome], *, seed: int = 7) -> dict[str, Any
              "device_type": "medicine_dispenser", "resident_id": r, "label": "Medisindispenser"},
             {"id": home.lock, "gateway_id": home.gateway_id, "device_type": "door_lock",
              "resident_id": r, "label": "Ytterdør"},
-        ]  # fmt: skip
+        ]
         devices += [
             {"id": home.motion(room), "gateway_id": home.gateway_id,
              "device_type": "motion_sensor", "resident_id": r, "label": f"Bevegelse {room}"}
             for room in _ROOMS
-        ]  # fmt: skip
+        ]
     return {
         "districts": [{"id": "demo-sentrum", "name": "Sentrum hjemmetjeneste"}],
         "sites": [
@@ -85,12 +85,12 @@ def demo_registry(homes: list[SimulatedHome], *, seed: int = 7) -> dict[str, Any
              "name": f"Hjemme hos {h.resident_id}",
              "address": f"{rng.choice(_STREETS)} {rng.randint(1, 120)}"}
             for h in homes
-        ],  # fmt: skip
+        ],
         "residents": [
             {"id": h.resident_id, "site_id": h.site_id,
              "display_name": f"{rng.choice(_FIRST)} {rng.choice(_LAST)}"}
             for h in homes
-        ],  # fmt: skip
+        ],
         "gateways": [{"id": h.gateway_id, "site_id": h.site_id} for h in homes],
         "devices": devices,
     }
@@ -103,23 +103,23 @@ def _routine_event(home: SimulatedHome, rng: random.Random) -> DeviceEvent:
     if roll < 0.75:
         room = rng.choice(_ROOMS)
         return make_event("motion", gateway_id=gw, device_id=home.motion(room),
-                          device_type="motion_sensor", payload={"room": room})  # fmt: skip
+                          device_type="motion_sensor", payload={"room": room})
     if roll < 0.85:
         kind = rng.choice(["unlocked", "locked"])
         return make_event(kind, gateway_id=gw, device_id=home.lock, device_type="door_lock",
-                          payload={"source": rng.choice(["keypad", "rf_tag", "manual"])})  # fmt: skip
+                          payload={"source": rng.choice(["keypad", "rf_tag", "manual"])})
     if roll < 0.95:
         now = datetime.now(UTC).replace(second=0, microsecond=0)
         return make_event(rng.choice(["dose_due", "dose_taken"]), gateway_id=gw,
                           device_id=home.dispenser, device_type="medicine_dispenser",
-                          payload={"dose_id": f"{now:%Y%m%d}-{now:%H}", "scheduled_for": now})  # fmt: skip
+                          payload={"dose_id": f"{now:%Y%m%d}-{now:%H}", "scheduled_for": now})
     return make_event("heartbeat", gateway_id=gw, device_id=gw, device_type="gateway",
-                      payload={"queue_depth": 0})  # fmt: skip
+                      payload={"queue_depth": 0})
 
 
 def _press(home: SimulatedHome) -> DeviceEvent:
     return make_event("button_pressed", gateway_id=home.gateway_id, device_id=home.pendant,
-                      device_type="safety_alarm")  # fmt: skip
+                      device_type="safety_alarm")
 
 
 async def run_population(
@@ -141,10 +141,12 @@ async def run_population(
                 parts.hostname or "127.0.0.1", parts.port or 1883,
                 username=parts.username, password=parts.password,
                 identifier="telecare-demo-simulator", protocol=aiomqtt.ProtocolVersion.V311,
-            ) as client:  # fmt: skip
+            ) as client:
                 await _announce(client, homes)
-                await _publish_until(client, homes, rng, stop,
-                                     events_per_home_per_min, press_every_s)  # fmt: skip
+                await _publish_until(
+                    client, homes, rng=rng, stop=stop,
+                    events_per_home_per_min=events_per_home_per_min, press_every_s=press_every_s,
+                )
         except aiomqtt.MqttError as exc:
             log.warning("simulator_disconnected", error=str(exc))
             await asyncio.sleep(1.0)
@@ -154,12 +156,13 @@ async def _announce(client: aiomqtt.Client, homes: list[SimulatedHome]) -> None:
     for home in homes:
         status = {"state": "online", "time": datetime.now(UTC).isoformat(), "version": "sim-1"}
         await client.publish(f"telecare/v1/{home.gateway_id}/status",
-                             json.dumps(status), qos=1, retain=True)  # fmt: skip
+                             json.dumps(status), qos=1, retain=True)
 
 
 async def _publish_until(
     client: aiomqtt.Client,
     homes: list[SimulatedHome],
+    *,
     rng: random.Random,
     stop: asyncio.Event,
     events_per_home_per_min: float,
@@ -177,7 +180,7 @@ async def _publish_until(
                 log.info("simulated_pendant_press", gateway_id=home.gateway_id)
             if events:
                 await client.publish(f"telecare/v1/{home.gateway_id}/events",
-                                     envelope_json(events), qos=1)  # fmt: skip
+                                     envelope_json(events), qos=1)
         try:
             await asyncio.wait_for(stop.wait(), tick)
         except TimeoutError:

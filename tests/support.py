@@ -56,7 +56,7 @@ def wait_until(
 async def wait_until_async(
     predicate: Callable[[], Awaitable[Any]], *, timeout: float, interval: float = 0.05,
     what: str = "",
-) -> Any:  # fmt: skip
+) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = await predicate()
@@ -166,7 +166,7 @@ def motion_events(gateway_id: str, count: int) -> list[DeviceEvent]:
         make_event(
             "motion", gateway_id=gateway_id, device_id=f"motion-{i % 5}",
             device_type="motion_sensor", payload={"room": "stue"},
-        )  # fmt: skip
+        )
         for i in range(count)
     ]
 
@@ -176,7 +176,7 @@ def mqtt_client(url: str, identifier: str | None = None) -> aiomqtt.Client:
     return aiomqtt.Client(
         parts.hostname or "127.0.0.1", parts.port or 1883, identifier=identifier,
         protocol=aiomqtt.ProtocolVersion.V311,
-    )  # fmt: skip
+    )
 
 
 async def publish(

@@ -20,7 +20,7 @@ router = APIRouter(include_in_schema=False)
 _OSLO = ZoneInfo("Europe/Oslo")
 _PRIORITY = {"critical": "Kritisk", "high": "Høy", "normal": "Normal", "technical": "Teknisk"}
 _STATE = {"raised": "Utløst", "acknowledged": "Tatt", "on_site": "På stedet",
-          "resolved": "Avsluttet", "cancelled": "Avbrutt"}  # fmt: skip
+          "resolved": "Avsluttet", "cancelled": "Avbrutt"}
 _GATEWAY = {"online": "Tilkoblet", "offline": "Frakoblet", "unknown": "Ukjent"}
 
 
@@ -49,7 +49,7 @@ async def status_page(request: Request) -> HTMLResponse:
          a["raised_at"].astimezone(_OSLO).strftime("%d.%m.%Y %H:%M:%S"), _age(a["raised_at"]),
          str(a["id"])]
         for a in alarms
-    ]  # fmt: skip
+    ]
     gateway_rows = [[g["id"], _GATEWAY.get(g["status"], g["status"])] for g in gateways]
     html = f"""<!doctype html>
 <html lang="nb"><head><meta charset="utf-8">
@@ -62,7 +62,8 @@ th,td{{border:1px solid #767676;padding:.4rem;text-align:left}}</style></head>
 <body><main>
 <h1>Trygghetsalarm – status</h1>
 <p>Oppdateres hvert 5. sekund. Alarmkonsollet med innlogging kommer; dette er en
-skrivebeskyttet oversikt. Handlinger gjøres gjennom API-et (<a href="/api/v1/docs">dokumentasjon</a>).</p>
+skrivebeskyttet oversikt. Handlinger gjøres gjennom API-et
+(<a href="/api/v1/docs">dokumentasjon</a>).</p>
 <h2>Åpne alarmer ({len(alarm_rows)})</h2>
 {_table(["Prioritet", "Status", "Kategori", "Beboer", "Utløst", "Alder", "Alarm-id"],
         alarm_rows, "Ingen åpne alarmer.")}

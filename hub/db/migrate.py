@@ -14,7 +14,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from importlib import resources
-from typing import Literal
+from typing import Any, Literal
 
 import psycopg
 import structlog
@@ -58,7 +58,7 @@ def load_migrations(backend: Backend) -> list[Migration]:
     return [found[v] for v in sorted(found)]
 
 
-async def detect_backend(conn: psycopg.AsyncConnection[object], choice: BackendChoice) -> Backend:
+async def detect_backend(conn: psycopg.AsyncConnection[Any], choice: BackendChoice) -> Backend:
     """The backend recorded earlier, else the one ``choice`` and the server allow."""
     cur = await conn.execute("SELECT to_regclass('telecare_meta') IS NOT NULL")
     row = await cur.fetchone()
@@ -94,7 +94,7 @@ async def migrate(url: str, *, backend_choice: BackendChoice = "auto") -> list[i
 
 
 async def _migrate_locked(
-    conn: psycopg.AsyncConnection[object], backend_choice: BackendChoice
+    conn: psycopg.AsyncConnection[Any], backend_choice: BackendChoice
 ) -> list[int]:
     backend = await detect_backend(conn, backend_choice)
     await conn.execute(
@@ -115,7 +115,7 @@ async def _migrate_locked(
         (backend,),
     )
     cur = await conn.execute("SELECT version, checksum FROM schema_migrations")
-    applied = {version: checksum for version, checksum in await cur.fetchall()}
+    applied = dict(await cur.fetchall())
     done: list[int] = []
     for migration in load_migrations(backend):
         if migration.version in applied:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
 
 import psycopg
 import structlog
@@ -37,13 +38,13 @@ def _day_start(day: date) -> datetime:
     return datetime.combine(day, time(0), tzinfo=UTC)
 
 
-async def storage_backend(conn: psycopg.AsyncConnection[object]) -> str:
+async def storage_backend(conn: psycopg.AsyncConnection[Any]) -> str:
     cur = await conn.execute("SELECT value FROM telecare_meta WHERE key = 'storage_backend'")
     row = await cur.fetchone()
     return str(row[0]) if row else "native"
 
 
-async def existing_partitions(conn: psycopg.AsyncConnection[object]) -> dict[date, str]:
+async def existing_partitions(conn: psycopg.AsyncConnection[Any]) -> dict[date, str]:
     cur = await conn.execute(
         "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
         " WHERE i.inhparent = 'events'::regclass"
@@ -56,7 +57,7 @@ async def existing_partitions(conn: psycopg.AsyncConnection[object]) -> dict[dat
     return found
 
 
-async def create_partition(conn: psycopg.AsyncConnection[object], day: date) -> int:
+async def create_partition(conn: psycopg.AsyncConnection[Any], day: date) -> int:
     """Create the partition for ``day``, moving its rows out of the default partition.
 
     Returns how many rows were moved. Runs in its own transaction.
@@ -66,9 +67,9 @@ async def create_partition(conn: psycopg.AsyncConnection[object], day: date) -> 
     async with conn.transaction():
         await conn.execute("LOCK TABLE events_default IN SHARE ROW EXCLUSIVE MODE")
         await conn.execute(
-            sql.SQL("CREATE TABLE {} (LIKE events INCLUDING DEFAULTS INCLUDING CONSTRAINTS)").format(
-                name
-            )
+            sql.SQL(
+                "CREATE TABLE {} (LIKE events INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
+            ).format(name)
         )
         cur = await conn.execute(
             sql.SQL(
@@ -87,7 +88,7 @@ async def create_partition(conn: psycopg.AsyncConnection[object], day: date) -> 
 
 
 async def maintain(
-    conn: psycopg.AsyncConnection[object],
+    conn: psycopg.AsyncConnection[Any],
     *,
     today: date,
     ahead_days: int,
@@ -127,7 +128,7 @@ async def maintain(
     return report
 
 
-async def _timescale_retention(conn: psycopg.AsyncConnection[object], days: int) -> None:
+async def _timescale_retention(conn: psycopg.AsyncConnection[Any], days: int) -> None:
     async with conn.transaction():
         await conn.execute("SELECT remove_retention_policy('events', if_exists => true)")
         await conn.execute(

@@ -45,7 +45,8 @@ class PgAlarmStore:
     async def list(
         self, conn: psycopg.AsyncConnection[Any], flt: AlarmFilter
     ) -> list[dict[str, Any]]:
-        where, params = ["TRUE"], {"limit": flt.limit}
+        where: list[str] = ["TRUE"]
+        params: dict[str, Any] = {"limit": flt.limit}
         if flt.open_only:
             where.append("a.state IN ('raised', 'acknowledged', 'on_site')")
         if flt.state:

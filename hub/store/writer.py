@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 from uuid import UUID
 
 import psycopg
@@ -34,7 +35,7 @@ EVENT_COLUMNS = (
 )
 _EVENT_TYPES = [
     "uuid", "timestamptz", "timestamptz", "timestamptz", "text", "text", "text", "text", "jsonb",
-]  # fmt: skip
+]
 _COPY_EVENTS = f"COPY events ({EVENT_COLUMNS}) FROM STDIN (FORMAT BINARY)"
 _COPY_STAGE = f"COPY events_stage ({EVENT_COLUMNS}) FROM STDIN (FORMAT BINARY)"
 _CREATE_STAGE = (
@@ -119,11 +120,11 @@ class GatewayRegistry:
         return self._sites.get(gateway_id)
 
     async def ensure(
-        self, conn: psycopg.AsyncConnection[object], gateway_ids: Iterable[str]
+        self, conn: psycopg.AsyncConnection[Any], gateway_ids: Iterable[str]
     ) -> None:
         if any(gw not in self._sites for gw in gateway_ids):
             cur = await conn.execute("SELECT id, site_id FROM gateways")
-            self._sites = {gw: site for gw, site in await cur.fetchall()}
+            self._sites = dict(await cur.fetchall())
 
 
 class EventWriter:
@@ -133,7 +134,7 @@ class EventWriter:
         self.registry = registry or GatewayRegistry()
 
     async def write(
-        self, conn: psycopg.AsyncConnection[object], request: FlushRequest
+        self, conn: psycopg.AsyncConnection[Any], request: FlushRequest
     ) -> FlushResult:
         result = FlushResult(quarantined=list(request.quarantine))
         async with conn.transaction():
@@ -199,7 +200,7 @@ class EventWriter:
 
     async def _insert_events(
         self,
-        conn: psycopg.AsyncConnection[object],
+        conn: psycopg.AsyncConnection[Any],
         rows: Sequence[tuple[object, ...]],
         result: FlushResult,
     ) -> set[UUID] | None:
@@ -222,7 +223,7 @@ class EventWriter:
 
     @staticmethod
     async def _copy(
-        conn: psycopg.AsyncConnection[object], statement: str, rows: Sequence[tuple[object, ...]]
+        conn: psycopg.AsyncConnection[Any], statement: str, rows: Sequence[tuple[object, ...]]
     ) -> None:
         async with conn.cursor().copy(statement) as copy:
             copy.set_types(_EVENT_TYPES)
@@ -231,7 +232,7 @@ class EventWriter:
 
     async def _raise_alarms(
         self,
-        conn: psycopg.AsyncConnection[object],
+        conn: psycopg.AsyncConnection[Any],
         events: list[tuple[DeviceEvent, datetime]],
         inserted_ids: set[UUID] | None,
         result: FlushResult,
@@ -249,7 +250,7 @@ class EventWriter:
 
     async def _raise(
         self,
-        conn: psycopg.AsyncConnection[object],
+        conn: psycopg.AsyncConnection[Any],
         event: DeviceEvent,
         received_at: datetime,
         trigger: AlarmTrigger,
@@ -292,7 +293,7 @@ class EventWriter:
 
     async def _update_statuses(
         self,
-        conn: psycopg.AsyncConnection[object],
+        conn: psycopg.AsyncConnection[Any],
         statuses: list[StatusUpdate],
         result: FlushResult,
     ) -> None:
@@ -334,7 +335,7 @@ class EventWriter:
 
     @staticmethod
     async def _quarantine(
-        conn: psycopg.AsyncConnection[object], records: list[QuarantineRecord]
+        conn: psycopg.AsyncConnection[Any], records: list[QuarantineRecord]
     ) -> None:
         if not records:
             return

@@ -16,6 +16,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from tests.conftest import REAL_MQTT_URL
 from tests.support import (
     HubProcess,
     count_rows,
@@ -37,6 +38,11 @@ EVENTS_PER_MESSAGE = 50
 async def test_sigkill_mid_burst_loses_nothing_and_stores_nothing_twice(
     data_dir: Path, database_url: str, mqtt_url: str
 ) -> None:
+    if mqtt_url != REAL_MQTT_URL:
+        pytest.skip(
+            "the embedded amqtt broker does not redeliver unacknowledged QoS 1 messages"
+            " (hub/embedded.py, Known limits); this guarantee needs a real broker"
+        )
     gateway = f"gw-{uuid.uuid4().hex[:8]}"
     await register(database_url, home_registry(gateway))
     events = motion_events(gateway, MESSAGES * EVENTS_PER_MESSAGE)
@@ -47,13 +53,13 @@ async def test_sigkill_mid_burst_loses_nothing_and_stores_nothing_twice(
         # A wide batch window keeps received-but-uncommitted messages in the hub at
         # any moment, so the kill always catches some in flight.
         env={"TELECARE_INGEST__BATCH_WINDOW_MS": "300"},
-    ).start()  # fmt: skip
+    ).start()
     try:
         publisher = asyncio.create_task(_publish_slowly(mqtt_url, gateway, payloads))
         at_kill = await wait_until_async(
             lambda: _rows_between(database_url, gateway, 1, len(events) // 2),
             timeout=30, interval=0.02, what="the burst to be part-way",
-        )  # fmt: skip
+        )
         hub.kill(signal.SIGKILL)
         await asyncio.sleep(1.0)  # the burst goes on while the hub is down
         hub.start()
@@ -63,7 +69,7 @@ async def test_sigkill_mid_burst_loses_nothing_and_stores_nothing_twice(
         await wait_until_async(
             lambda: _rows_between(database_url, gateway, len(events), len(events)),
             timeout=60, what="every event stored",
-        )  # fmt: skip
+        )
         stored = await _stored_ids(database_url, gateway)
         assert stored == {e.id for e in events}
         assert await count_rows(

@@ -39,13 +39,13 @@ async def test_embedded_hub_imports_ingests_raises_an_alarm_and_keeps_data_over_
         yaml.safe_dump(home_registry("gw-emb", devices=[("pendant", "safety_alarm")]))
     )
     hub = HubProcess(data_dir=data_dir, database_url=None, mqtt_url=None,
-                     client_id="embedded-hub", env=env)  # fmt: skip
+                     client_id="embedded-hub", env=env)
 
     # The operator's entry point: `telecare admin import` on the embedded database.
     imported = subprocess.run(
         [sys.executable, "-m", "hub", "admin", "import", str(registry_file)],
         env=hub.env, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+    )
     assert imported.returncode == 0, imported.stderr[-2000:]
     assert "1 gateways, 1 devices" in imported.stdout
 
@@ -53,7 +53,7 @@ async def test_embedded_hub_imports_ingests_raises_an_alarm_and_keeps_data_over_
     try:
         hub.start()
         press = make_event("button_pressed", gateway_id="gw-emb", device_id="pendant",
-                           device_type="safety_alarm")  # fmt: skip
+                           device_type="safety_alarm")
         payloads = [envelope_json(motion_events("gw-emb", 100)), envelope_json([press])]
         await publish(mqtt_url, "telecare/v1/gw-emb/events", payloads)
         alarm = await wait_until_async(

@@ -48,7 +48,7 @@ def _gateway() -> str:
 
 async def _events_of(database_url: str, gateway_id: str) -> int:
     return await count_rows(database_url, "SELECT count(*) FROM events WHERE gateway_id = %s",
-                            gateway_id)  # fmt: skip
+                            gateway_id)
 
 
 @pytest.mark.slow
@@ -75,7 +75,7 @@ async def test_ten_thousand_events_make_ten_thousand_rows_and_again_no_more(
     await wait_until_async(
         lambda: _metric_at_least(hub, "telecare_events_duplicate_total", 10_000),
         timeout=60, what="10,000 duplicates counted",
-    )  # fmt: skip
+    )
     assert await _events_of(database_url, gateway) == 10_000
     assert hub.metric("telecare_events_ingested_total") == 10_000
 
@@ -113,11 +113,11 @@ async def test_malformed_messages_are_quarantined_and_the_good_ones_stored(
     expected = {
         "invalid_json": 1, "envelope_size": 1, "unknown_kind": 1,
         "gateway_mismatch": 2, "unregistered_gateway": 1,
-    }  # fmt: skip
+    }
     await wait_until_async(
         lambda: _has_quarantine(database_url, (gateway, other), expected), timeout=30,
         what=f"quarantine {expected}",
-    )  # fmt: skip
+    )
     listed = httpx.get(f"{hub.base_url}/api/v1/quarantine").json()
     assert {q["reason"] for q in listed if q["gateway_id"] in (gateway, other)} == set(expected)
     assert await _events_of(database_url, gateway) == 22
@@ -137,7 +137,7 @@ async def _quarantine_reasons(database_url: str, gateways: tuple[str, ...]) -> d
             "SELECT reason, count(*) FROM quarantine WHERE gateway_id = ANY(%s) GROUP BY reason",
             (list(gateways),),
         )
-        return {reason: n for reason, n in await cur.fetchall()}
+        return dict(await cur.fetchall())
 
 
 async def test_a_pendant_press_raises_a_critical_alarm_seen_through_the_api(
@@ -148,9 +148,9 @@ async def test_a_pendant_press_raises_a_critical_alarm_seen_through_the_api(
     # A press inside a stream of telemetry: it must not wait for the batch.
     background = motion_events(gateway, 50)
     press = make_event("button_pressed", gateway_id=gateway, device_id="pendant",
-                       device_type="safety_alarm")  # fmt: skip
+                       device_type="safety_alarm")
     await publish(mqtt_url, f"telecare/v1/{gateway}/events",
-                  [*envelopes(background, 10), envelope_json([press])])  # fmt: skip
+                  [*envelopes(background, 10), envelope_json([press])])
 
     alarms = await wait_until_async(
         lambda: _open_alarms(hub), timeout=20, what="an alarm in the API"
@@ -164,7 +164,7 @@ async def test_a_pendant_press_raises_a_critical_alarm_seen_through_the_api(
 
     # A second press joins the open alarm instead of paging again.
     again = make_event("button_pressed", gateway_id=gateway, device_id="pendant",
-                       device_type="safety_alarm")  # fmt: skip
+                       device_type="safety_alarm")
     await publish(mqtt_url, f"telecare/v1/{gateway}/events", [envelope_json([again])])
     detail = await wait_until_async(
         lambda: _detail_with_triggers(hub, alarm["id"], 2), timeout=20, what="2 triggers"
@@ -194,7 +194,7 @@ async def test_alarm_actions_follow_the_state_machine_and_record_who_and_when(
     gateway = _gateway()
     await register(database_url, home_registry(gateway, devices=[("pendant", "safety_alarm")]))
     press = make_event("button_pressed", gateway_id=gateway, device_id="pendant",
-                       device_type="safety_alarm")  # fmt: skip
+                       device_type="safety_alarm")
     await publish(mqtt_url, f"telecare/v1/{gateway}/events", [envelope_json([press])])
     alarm_id = (await wait_until_async(lambda: _open_alarms(hub), timeout=20))[0]["id"]
     url = f"{hub.base_url}/api/v1/alarms/{alarm_id}"
@@ -218,7 +218,7 @@ async def test_alarm_actions_follow_the_state_machine_and_record_who_and_when(
     assert [(t["to_state"], t["actor"]) for t in done["transitions"]] == [
         ("raised", "system"), ("acknowledged", "nurse-7"), ("on_site", "nurse-7"),
         ("resolved", "nurse-7"),
-    ]  # fmt: skip
+    ]
     assert httpx.get(f"{hub.base_url}/api/v1/alarms/{uuid.uuid4()}").status_code == 404
     assert httpx.get(f"{hub.base_url}/api/v1/alarms/not-a-uuid").status_code == 422
 
@@ -230,7 +230,7 @@ async def test_gateway_status_and_last_will_update_the_gateway(
     await register(database_url, home_registry(gateway))
     topic = f"telecare/v1/{gateway}/status"
     online = {"state": "online", "time": "2026-01-01T10:00:00Z", "version": "1.2.3",
-              "queue_depth": 4}  # fmt: skip
+              "queue_depth": 4}
     await publish(mqtt_url, topic, [json.dumps(online).encode()], retain=True)
     try:
         status = await wait_until_async(
@@ -263,6 +263,6 @@ async def test_health_and_metrics(hub: HubProcess) -> None:
     text = httpx.get(f"{hub.base_url}/metrics").text
     for name in ("telecare_events_ingested_total", "telecare_events_duplicate_total",
                  "telecare_ingest_lag_seconds_bucket", "telecare_ingest_batch_events_bucket"):
-        assert name in text  # fmt: skip
+        assert name in text
     spec = httpx.get(f"{hub.base_url}/api/v1/openapi.json").json()
     assert "/api/v1/alarms/{alarm_id}/acknowledge" in spec["paths"]

@@ -195,7 +195,7 @@ def test_times_in_other_offsets_come_back_in_utc() -> None:
     event = make_event(
         "motion", gateway_id="gw-1", device_id="pir-1", device_type="motion_sensor",
         time=datetime(2024, 6, 1, 12, 0, tzinfo=oslo_summer),
-    )  # fmt: skip
+    )
 
     (parsed,) = parse_envelope(envelope_json([event])).events
 
@@ -219,7 +219,7 @@ def _good() -> dict[str, Any]:
     event = make_event(
         "motion", gateway_id="gw-1", device_id="pir-1", device_type="motion_sensor",
         payload={"room": "stue"},
-    )  # fmt: skip
+    )
     return event.model_dump(mode="json")
 
 
@@ -262,7 +262,7 @@ def _rejected(raw: bytes | str) -> InvalidEventError:
         pytest.param(b"[1, 2]", "invalid_event", ["(top level)", "object"], id="json-array"),
         pytest.param(b'"events"', "invalid_event", ["(top level)", "object"], id="json-string"),
     ],
-)  # fmt: skip
+)
 def test_a_bad_envelope_is_refused_with_its_reason_and_field(
     raw: bytes, reason: str, names: list[str]
 ) -> None:
@@ -296,7 +296,7 @@ def test_the_error_names_the_index_of_the_bad_event() -> None:
 
 def test_parse_event_refuses_a_payload_field_of_the_wrong_type() -> None:
     event = make_event("refill_needed", gateway_id="gw-1", device_id="md-1",
-                       device_type="medicine_dispenser", payload={"doses_left": 3})  # fmt: skip
+                       device_type="medicine_dispenser", payload={"doses_left": 3})
     data = {**event.model_dump(mode="json"), "payload": {"doses_left": "lots"}}
 
     with pytest.raises(InvalidEventError, match=r"refill_needed\.payload\.doses_left") as caught:

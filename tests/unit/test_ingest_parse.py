@@ -40,14 +40,14 @@ def _motion(gateway_id: str = GW, device_id: str = "pir-1") -> DeviceEvent:
     return make_event(
         "motion", gateway_id=gateway_id, device_id=device_id, device_type="motion_sensor",
         payload={"room": "stue"},
-    )  # fmt: skip
+    )
 
 
 def _button(gateway_id: str = GW) -> DeviceEvent:
     return make_event(
         "button_pressed", gateway_id=gateway_id, device_id="pendant-1",
         device_type="safety_alarm",
-    )  # fmt: skip
+    )
 
 
 def _kept(inbound: Inbound) -> list[DeviceEvent]:
@@ -192,7 +192,7 @@ def test_a_status_message_gives_a_status_update() -> None:
             state="online", time=datetime(2024, 6, 1, 10, tzinfo=UTC), version="1.4",
             queue_depth=3,
         ),
-    )  # fmt: skip
+    )
     assert inbound.events == []
     assert inbound.quarantine == []
     assert not inbound.urgent
