@@ -322,10 +322,13 @@ class Ingest:
 
     async def _flush(self, batch: list[Inbound]) -> None:
         results = await self._write_with_retry(batch)
-        committed = time.monotonic()
+        committed, committed_wall = time.monotonic(), datetime.now(UTC)
         client, generation = self._client, self._generation
         for inbound in batch:
             self._metrics.ingest_lag.observe(committed - inbound.received_mono)
+            if inbound.events:  # per message, by its first event: cheap enough at any rate
+                age = committed_wall - inbound.events[0][0].time
+                self._metrics.event_age.observe(age.total_seconds())
             # A message from an earlier connection cannot be acknowledged on this one (its
             # packet id may now name another message); the broker redelivers it and the
             # writer counts it as a duplicate.

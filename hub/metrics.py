@@ -44,7 +44,8 @@ class HubMetrics:
         )
         self.event_age = Histogram(
             "telecare_event_age_seconds",
-            "From the device's event time to commit (includes edge queueing and clock skew).",
+            "From the device's event time to commit, per message by its first event"
+            " (includes edge queueing and clock skew).",
             buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 30, 60, 300, 3600, 86400),
             registry=r,
         )

@@ -15,10 +15,7 @@ import psycopg
 import pytest
 
 from hub.db.migrate import migrate
-from tests.support import reachable
-
-REAL_PG_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-REAL_MQTT_URL = "mqtt://127.0.0.1:1883"
+from tests.support import REAL_MQTT_URL, REAL_PG_URL, reachable
 
 
 def _use_real() -> tuple[bool, bool]:

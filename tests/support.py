@@ -23,6 +23,8 @@ from devices.events import DeviceEvent, envelope_json, make_event
 from hub.admin import RegistryFile, import_registry
 
 ROOT = Path(__file__).resolve().parent.parent
+REAL_PG_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+REAL_MQTT_URL = "mqtt://127.0.0.1:1883"
 
 
 def free_port() -> int:
@@ -93,6 +95,8 @@ class HubProcess:
             self.env["TELECARE_DATABASE_URL"] = database_url
         if mqtt_url:
             self.env["TELECARE_MQTT_URL"] = mqtt_url
+            if mqtt_url != REAL_MQTT_URL:  # the embedded amqtt broker speaks 3.1.1 only
+                self.env["TELECARE_INGEST__PROTOCOL"] = "3.1.1"
         self.env.update(env or {})
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -113,7 +117,11 @@ class HubProcess:
                 return False
             return bool(report.get("database") == "ok" and report.get("broker") == "ok")
 
-        wait_until(healthy, timeout=timeout, interval=0.1, what="the hub to be healthy")
+        try:
+            wait_until(healthy, timeout=timeout, interval=0.1, what="the hub to be healthy")
+        except BaseException:
+            self.kill()
+            raise
         return self
 
     def kill(self, sig: int = signal.SIGKILL) -> None:

@@ -16,8 +16,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.conftest import REAL_MQTT_URL
 from tests.support import (
+    REAL_MQTT_URL,
     HubProcess,
     count_rows,
     envelopes,
