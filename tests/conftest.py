@@ -74,7 +74,7 @@ def _with_database(admin_url: str, name: str) -> str:
     return admin_url.rsplit("/", 1)[0] + "/" + name
 
 
-async def _fresh_database(admin_url: str) -> str:
+async def fresh_database(admin_url: str) -> str:
     name = f"telecare_t_{uuid.uuid4().hex[:10]}"
     async with await psycopg.AsyncConnection.connect(admin_url, autocommit=True) as conn:
         await conn.execute(f'CREATE DATABASE "{name}"'.encode())
@@ -83,7 +83,7 @@ async def _fresh_database(admin_url: str) -> str:
     return url
 
 
-async def _drop_database(admin_url: str, url: str) -> None:
+async def drop_database(admin_url: str, url: str) -> None:
     name = url.rsplit("/", 1)[1]
     async with await psycopg.AsyncConnection.connect(admin_url, autocommit=True) as conn:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
@@ -92,20 +92,20 @@ async def _drop_database(admin_url: str, url: str) -> None:
 @pytest.fixture
 async def database_url(pg_admin_url: str) -> AsyncIterator[str]:
     """A new, migrated database for one test, dropped afterwards."""
-    url = await _fresh_database(pg_admin_url)
+    url = await fresh_database(pg_admin_url)
     try:
         yield url
     finally:
-        await _drop_database(pg_admin_url, url)
+        await drop_database(pg_admin_url, url)
 
 
 @pytest.fixture
 async def embedded_database_url(embedded_pg_admin_url: str) -> AsyncIterator[str]:
-    url = await _fresh_database(embedded_pg_admin_url)
+    url = await fresh_database(embedded_pg_admin_url)
     try:
         yield url
     finally:
-        await _drop_database(embedded_pg_admin_url, url)
+        await drop_database(embedded_pg_admin_url, url)
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from tests.conftest import drop_database, fresh_database
 from tests.support import (
     REAL_MQTT_URL,
     HubProcess,
@@ -35,14 +36,25 @@ MESSAGES = 200
 EVENTS_PER_MESSAGE = 50
 
 
+@pytest.mark.parametrize("server", ["pg_admin_url", "embedded_pg_admin_url"])
 async def test_sigkill_mid_burst_loses_nothing_and_stores_nothing_twice(
-    data_dir: Path, database_url: str, mqtt_url: str
+    data_dir: Path, server: str, mqtt_url: str, request: pytest.FixtureRequest
 ) -> None:
+    """Run on the configured PostgreSQL and on the embedded one."""
     if mqtt_url != REAL_MQTT_URL:
         pytest.skip(
             "the embedded amqtt broker does not redeliver unacknowledged QoS 1 messages"
             " (hub/embedded.py, Known limits); this guarantee needs a real broker"
         )
+    admin_url: str = request.getfixturevalue(server)
+    database_url = await fresh_database(admin_url)
+    try:
+        await _sigkill_mid_burst(data_dir, database_url, mqtt_url)
+    finally:
+        await drop_database(admin_url, database_url)
+
+
+async def _sigkill_mid_burst(data_dir: Path, database_url: str, mqtt_url: str) -> None:
     gateway = f"gw-{uuid.uuid4().hex[:8]}"
     await register(database_url, home_registry(gateway))
     events = motion_events(gateway, MESSAGES * EVENTS_PER_MESSAGE)
