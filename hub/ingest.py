@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aiomqtt
+import paho.mqtt.client as paho
 import psycopg
 import psycopg_pool
 import structlog
@@ -75,6 +76,20 @@ def enable_manual_ack(client: aiomqtt.Client) -> None:
     places that reach into aiomqtt's private paho client.
     """
     client._client.manual_ack_set(True)
+
+
+def take_messages(client: aiomqtt.Client, handler: Callable[[paho.MQTTMessage], None]) -> None:
+    """Have paho hand every message to ``handler`` as it is read off the socket.
+
+    This bypasses aiomqtt's queue and its per-message ``asyncio.wait``, which cost about a
+    third of a subscriber's CPU per message (shared/PERFORMANCE.md). ``handler`` runs in
+    the event loop's thread, inside the socket read callback, so it must not block.
+    """
+
+    def on_message(_client: paho.Client, _userdata: object, message: paho.MQTTMessage) -> None:
+        handler(message)
+
+    client._client.on_message = on_message
 
 
 def ack(client: aiomqtt.Client, mid: int, qos: int) -> None:
@@ -138,8 +153,6 @@ class Ingest:
         self._pending_events = 0
         self._has_work = asyncio.Event()
         self._flush_now = asyncio.Event()
-        self._room = asyncio.Event()
-        self._room.set()
         self._client: aiomqtt.Client | None = None
         self._generation = 0
         self.connected = asyncio.Event()
@@ -159,13 +172,22 @@ class Ingest:
     async def _consume_forever(self) -> None:
         delay = self._settings.reconnect_min_s
         while True:
+            client = make_client(self._endpoint, self._settings, embedded=self._embedded)
+            # The handler goes in before CONNECT: a persistent session's queued messages
+            # arrive straight after CONNACK, before any SUBSCRIBE.
+            self._generation += 1
+            self._client = client
+            take_messages(client, self._handler(self._generation))
             try:
-                async with make_client(
-                    self._endpoint, self._settings, embedded=self._embedded
-                ) as client:
+                async with client:
                     await self._subscribed(client)
                     delay = self._settings.reconnect_min_s
-                    await self._consume(client)
+                    # Messages arrive through the handler; this only waits for the
+                    # connection to end, which the iterator reports by raising MqttError.
+                    # Backpressure is the broker's: it sends at most Receive Maximum
+                    # messages that are not yet acknowledged.
+                    async for _ in client.messages:
+                        pass
             except aiomqtt.MqttError as exc:
                 self._disconnected()
                 self._metrics.mqtt_reconnects.inc()
@@ -174,8 +196,6 @@ class Ingest:
             delay = min(delay * 2, self._settings.reconnect_max_s)
 
     async def _subscribed(self, client: aiomqtt.Client) -> None:
-        self._generation += 1
-        self._client = client
         events_topic = EVENTS_TOPIC
         if self._settings.shared_group:
             events_topic = f"$share/{self._settings.shared_group}/{EVENTS_TOPIC}"
@@ -189,25 +209,26 @@ class Ingest:
         self.connected.clear()
         self._metrics.mqtt_connected.set(0)
 
-    async def _consume(self, client: aiomqtt.Client) -> None:
-        generation = self._generation
-        async for message in client.messages:
-            if not self._room.is_set():
-                await self._room.wait()
-            self._metrics.messages_received.inc()
-            self._accept(self.parse(message, generation))
+    def _handler(self, generation: int) -> Callable[[paho.MQTTMessage], None]:
+        received = self._metrics.messages_received
+
+        def handle(message: paho.MQTTMessage) -> None:
+            received.inc()
+            payload = message.payload
+            raw = payload if isinstance(payload, bytes) else bytes(payload)
+            self._accept(
+                self.parse(message.topic, raw, mid=message.mid, qos=message.qos,
+                           generation=generation)
+            )
+
+        return handle
 
     # --- parsing --------------------------------------------------------------------
 
-    def parse(self, message: aiomqtt.Message, generation: int) -> Inbound:
+    def parse(self, topic: str, raw: bytes, *, mid: int, qos: int, generation: int) -> Inbound:
         """Turn one message into what it asks to be written. Never raises."""
-        inbound = Inbound(
-            mid=message.mid, qos=message.qos, generation=generation,
-            received_mono=time.monotonic(),
-        )
-        topic = message.topic.value
-        payload = message.payload
-        raw = payload if isinstance(payload, bytes) else str(payload).encode()
+        inbound = Inbound(mid=mid, qos=qos, generation=generation,
+                          received_mono=time.monotonic())
         parts = topic.split("/")
         if len(parts) != 4 or parts[:2] != ["telecare", "v1"] or not is_identifier(parts[2]):
             self._reject(inbound, topic, raw, "bad_topic", f"unexpected topic {topic!r}")
@@ -302,8 +323,6 @@ class Ingest:
         self._has_work.set()
         if inbound.urgent or self._pending_events >= self._settings.batch_max_events:
             self._flush_now.set()
-        if self._pending_events >= self._settings.max_pending_events:
-            self._room.clear()
 
     async def _flush_loop(self) -> None:
         window = self._settings.batch_window_ms / 1000
@@ -318,7 +337,6 @@ class Ingest:
             self._has_work.clear()
             self._flush_now.clear()
             await self._flush(batch)
-            self._room.set()
 
     async def _flush(self, batch: list[Inbound]) -> None:
         results = await self._write_with_retry(batch)

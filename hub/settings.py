@@ -68,9 +68,6 @@ class IngestSettings(BaseModel):
     batch_window_ms: int = Field(
         default=10, ge=0, description="Longest a telemetry event waits for its batch."
     )
-    max_pending_events: int = Field(
-        default=50_000, ge=1000, description="Stop reading from the broker above this."
-    )
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 30.0
     quarantine_raw_max_bytes: int = Field(default=8192, ge=256)

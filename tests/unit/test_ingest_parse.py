@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
-import aiomqtt
 import pytest
 
 from devices.events import DeviceEvent, envelope_json, make_event
@@ -32,8 +31,7 @@ def _ingest(settings: IngestSettings | None = None) -> Ingest:
 def _parse(
     topic: str, payload: bytes, *, ingest: Ingest | None = None, retain: bool = False
 ) -> Inbound:
-    message = aiomqtt.Message(topic, payload, 1, retain, 42, None)
-    return (ingest or _ingest()).parse(message, 3)
+    return (ingest or _ingest()).parse(topic, payload, mid=42, qos=1, generation=3)
 
 
 def _motion(gateway_id: str = GW, device_id: str = "pir-1") -> DeviceEvent:
