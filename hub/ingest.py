@@ -66,6 +66,8 @@ class Inbound:
     quarantine: list[QuarantineRecord] = field(default_factory=list)
     statuses: list[StatusUpdate] = field(default_factory=list)
     urgent: bool = False
+    gateway_id: str | None = None
+    """The gateway of the topic; every event kept in ``events`` names it."""
 
 
 def enable_manual_ack(client: aiomqtt.Client) -> None:
@@ -233,6 +235,7 @@ class Ingest:
         if len(parts) != 4 or parts[:2] != ["telecare", "v1"] or not is_identifier(parts[2]):
             self._reject(inbound, topic, raw, "bad_topic", f"unexpected topic {topic!r}")
         elif parts[3] == "events":
+            inbound.gateway_id = parts[2]
             self._parse_events(inbound, topic, parts[2], raw)
         elif parts[3] == "status":
             self._parse_status(inbound, topic, parts[2], raw)
@@ -397,6 +400,8 @@ class Ingest:
         request = FlushRequest()
         for inbound in batch:
             request.events.extend(inbound.events)
+            if inbound.events and inbound.gateway_id:
+                request.gateways.add(inbound.gateway_id)
             request.quarantine.extend(inbound.quarantine)
             request.statuses.extend(inbound.statuses)
         async with self._pool.connection() as conn:
