@@ -20,7 +20,7 @@ import contextlib
 import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -151,10 +151,12 @@ class Ingest:
         self._embedded = embedded_broker
         self._writer = writer or EventWriter()
         self._on_flush = on_flush
-        self._pending: list[Inbound] = []
-        self._pending_events = 0
-        self._has_work = asyncio.Event()
-        self._flush_now = asyncio.Event()
+        # Two lanes, each one transaction at a time: telemetry waits up to the batch
+        # window to share a commit; a message with an alarm-relevant event is written at
+        # once in its own lane, never behind a telemetry batch.
+        self._telemetry = _Lane(settings.batch_window_ms / 1000, settings.batch_max_events,
+                                self._flush)
+        self._alarms = _Lane(0.0, settings.batch_max_events, self._flush)
         self._client: aiomqtt.Client | None = None
         self._generation = 0
         self.connected = asyncio.Event()
@@ -163,13 +165,18 @@ class Ingest:
 
     async def run(self) -> None:
         """Consume until cancelled; reconnect with backoff when the broker goes away."""
-        flusher = asyncio.create_task(self._flush_loop(), name="ingest-flusher")
+        flushers = [
+            asyncio.create_task(self._telemetry.run(), name="ingest-telemetry"),
+            asyncio.create_task(self._alarms.run(), name="ingest-alarms"),
+        ]
         try:
             await self._consume_forever()
         finally:
-            flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await flusher
+            for flusher in flushers:
+                flusher.cancel()
+            for flusher in flushers:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await flusher
 
     async def _consume_forever(self) -> None:
         delay = self._settings.reconnect_min_s
@@ -320,26 +327,8 @@ class Ingest:
     # --- batching and flushing ------------------------------------------------------
 
     def _accept(self, inbound: Inbound) -> None:
-        self._pending.append(inbound)
-        self._pending_events += len(inbound.events)
-        self._metrics.pending_events.set(self._pending_events)
-        self._has_work.set()
-        if inbound.urgent or self._pending_events >= self._settings.batch_max_events:
-            self._flush_now.set()
-
-    async def _flush_loop(self) -> None:
-        window = self._settings.batch_window_ms / 1000
-        while True:
-            await self._has_work.wait()
-            delay = window - (time.monotonic() - self._pending[0].received_mono)
-            if delay > 0 and not self._flush_now.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._flush_now.wait(), delay)
-            batch, self._pending = self._pending, []
-            self._pending_events = 0
-            self._has_work.clear()
-            self._flush_now.clear()
-            await self._flush(batch)
+        (self._alarms if inbound.urgent else self._telemetry).add(inbound)
+        self._metrics.pending_events.set(self._telemetry.events + self._alarms.events)
 
     async def _flush(self, batch: list[Inbound]) -> None:
         results = await self._write_with_retry(batch)
@@ -426,3 +415,45 @@ class Ingest:
                 self._metrics.flush_errors.inc()
                 log.error("ingest_flush_failed", error=str(exc), retry_in_s=1.0)
                 await asyncio.sleep(1.0)
+
+
+class _Lane:
+    """Messages waiting for their transaction, and the loop that writes them in turn.
+
+    A batch is flushed when it holds ``max_events``, or when its oldest message has
+    waited ``window_s`` (0: at once). One flush at a time per lane.
+    """
+
+    def __init__(
+        self,
+        window_s: float,
+        max_events: int,
+        flush: Callable[[list[Inbound]], Awaitable[None]],
+    ) -> None:
+        self._window = window_s
+        self._max_events = max_events
+        self._flush = flush
+        self._pending: list[Inbound] = []
+        self.events = 0
+        self._has_work = asyncio.Event()
+        self._full = asyncio.Event()
+
+    def add(self, inbound: Inbound) -> None:
+        self._pending.append(inbound)
+        self.events += len(inbound.events)
+        self._has_work.set()
+        if self.events >= self._max_events:
+            self._full.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._has_work.wait()
+            delay = self._window - (time.monotonic() - self._pending[0].received_mono)
+            if delay > 0 and not self._full.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._full.wait(), delay)
+            batch, self._pending = self._pending, []
+            self.events = 0
+            self._has_work.clear()
+            self._full.clear()
+            await self._flush(batch)

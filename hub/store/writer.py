@@ -6,9 +6,10 @@ either stored (with the alarm it raised) and acknowledged, or neither, and the b
 redelivers it.
 
 Events go in with COPY (binary) straight into ``events``. If the batch holds an id that
-is already stored (a redelivery), that COPY fails on the primary key and the batch goes
-through a staging table and ``INSERT ... ON CONFLICT DO NOTHING``: duplicates are
-counted, never stored twice. Redeliveries are rare, so the fast path is the usual one.
+is already stored (a redelivery), that COPY fails on the primary key and the transaction
+is done again through a staging table and ``INSERT ... ON CONFLICT DO NOTHING``:
+duplicates are counted, never stored twice. Redeliveries are rare, so the fast path is
+the usual one.
 """
 
 from __future__ import annotations
@@ -138,6 +139,18 @@ class EventWriter:
     async def write(
         self, conn: psycopg.AsyncConnection[Any], request: FlushRequest
     ) -> FlushResult:
+        """Write it all in one transaction. A batch holding an id already stored (a
+        redelivery) fails its COPY on the primary key; the whole transaction is then done
+        again through the staging table, which skips and counts the duplicates. That
+        costs a second try on the rare batch instead of a savepoint on every one."""
+        try:
+            return await self._write(conn, request, staged=False)
+        except psycopg.errors.UniqueViolation:
+            return await self._write(conn, request, staged=True)
+
+    async def _write(
+        self, conn: psycopg.AsyncConnection[Any], request: FlushRequest, *, staged: bool
+    ) -> FlushResult:
         result = FlushResult(quarantined=list(request.quarantine))
         async with conn.transaction():
             gateways = request.gateways or {e.gateway_id for e, _ in request.events}
@@ -146,7 +159,7 @@ class EventWriter:
             if any(self.registry.site_of(gw) is None for gw in gateways):
                 events = self._registered_events(events, result)
             rows = self._unique_rows(events, result)
-            inserted_ids = await self._insert_events(conn, rows, result)
+            inserted_ids = await self._insert_events(conn, rows, result, staged=staged)
             await self._raise_alarms(conn, events, inserted_ids, result)
             await self._update_statuses(conn, request.statuses, result)
             await self._quarantine(conn, result.quarantined)
@@ -206,23 +219,23 @@ class EventWriter:
         conn: psycopg.AsyncConnection[Any],
         rows: Sequence[tuple[object, ...]],
         result: FlushResult,
+        *,
+        staged: bool,
     ) -> set[UUID] | None:
         """COPY the rows in; returns the ids inserted, or None meaning all of them."""
         if not rows:
             return set()
-        try:
-            async with conn.transaction():  # a savepoint: a duplicate rolls back only this
-                await self._copy(conn, _COPY_EVENTS, rows)
-        except psycopg.errors.UniqueViolation:
-            await conn.execute(_CREATE_STAGE)
-            await self._copy(conn, _COPY_STAGE, rows)
-            cur = await conn.execute(_INSERT_FROM_STAGE)
-            inserted = {row[0] for row in await cur.fetchall()}
-            result.inserted += len(inserted)
-            result.duplicates += len(rows) - len(inserted)
-            return inserted
-        result.inserted += len(rows)
-        return None
+        if not staged:
+            await self._copy(conn, _COPY_EVENTS, rows)
+            result.inserted += len(rows)
+            return None
+        await conn.execute(_CREATE_STAGE)
+        await self._copy(conn, _COPY_STAGE, rows)
+        cur = await conn.execute(_INSERT_FROM_STAGE)
+        inserted = {row[0] for row in await cur.fetchall()}
+        result.inserted += len(inserted)
+        result.duplicates += len(rows) - len(inserted)
+        return inserted
 
     @staticmethod
     async def _copy(
