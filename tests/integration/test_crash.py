@@ -44,7 +44,7 @@ async def test_sigkill_mid_burst_loses_nothing_and_stores_nothing_twice(
     if mqtt_url != REAL_MQTT_URL:
         pytest.skip(
             "the embedded amqtt broker does not redeliver unacknowledged QoS 1 messages"
-            " (hub/embedded.py, Known limits); this guarantee needs a real broker"
+            " (hub/embedded/broker.py, Known limits); this guarantee needs a real broker"
         )
     admin_url: str = request.getfixturevalue(server)
     database_url = await fresh_database(admin_url)
