@@ -7,14 +7,13 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from html import escape
-from typing import Any
 from zoneinfo import ZoneInfo
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
-from psycopg.rows import dict_row
 
 from hub.store.alarms import AlarmFilter, PgAlarmStore
+from hub.store.operations import list_gateways
 
 router = APIRouter(include_in_schema=False)
 _OSLO = ZoneInfo("Europe/Oslo")
@@ -41,9 +40,7 @@ def _table(headers: list[str], rows: list[list[str]], empty: str) -> str:
 async def status_page(request: Request) -> HTMLResponse:
     async with request.app.state.runtime.pool.connection() as conn:
         alarms = await PgAlarmStore().list(conn, AlarmFilter(open_only=True, limit=200))
-        async with conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute("SELECT id, status, status_changed_at FROM gateways ORDER BY id")
-            gateways: list[dict[str, Any]] = await cur.fetchall()
+        gateways = await list_gateways(conn)
     alarm_rows = [
         [_PRIORITY[a["priority"]], _STATE[a["state"]], a["category"], a["resident_id"] or "-",
          a["raised_at"].astimezone(_OSLO).strftime("%d.%m.%Y %H:%M:%S"), _age(a["raised_at"]),

@@ -13,10 +13,10 @@ from uuid import UUID
 
 import psycopg
 from fastapi import APIRouter, Depends, Query, Request
-from psycopg.rows import dict_row
 from pydantic import BaseModel, ConfigDict, Field
 
 from alarms.lifecycle import AlarmAction
+from hub.store import operations
 from hub.store.alarms import AlarmFilter, PgAlarmStore
 
 router = APIRouter()
@@ -198,12 +198,7 @@ async def cancel(alarm_id: UUID, body: ActionRequest, conn: Conn) -> AlarmDetail
 @router.get("/gateways", tags=["operations"])
 async def list_gateways(conn: Conn) -> list[GatewayPublic]:
     """Registered gateways with their last reported status."""
-    async with conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(
-            "SELECT id, site_id, status, status_time, status_changed_at, version, queue_depth"
-            " FROM gateways ORDER BY id"
-        )
-        return [GatewayPublic.model_validate(row) for row in await cur.fetchall()]
+    return [GatewayPublic.model_validate(row) for row in await operations.list_gateways(conn)]
 
 
 @router.get("/quarantine", tags=["operations"])
@@ -211,10 +206,5 @@ async def list_quarantine(
     conn: Conn, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> list[QuarantinePublic]:
     """Messages that failed validation, newest first, with the reason."""
-    async with conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(
-            "SELECT id, received_at, topic, gateway_id, reason, detail, payload_size"
-            " FROM quarantine ORDER BY id DESC LIMIT %s",
-            (limit,),
-        )
-        return [QuarantinePublic.model_validate(row) for row in await cur.fetchall()]
+    rows = await operations.list_quarantine(conn, limit=limit)
+    return [QuarantinePublic.model_validate(row) for row in rows]

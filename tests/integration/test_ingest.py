@@ -264,5 +264,9 @@ async def test_health_and_metrics(hub: HubProcess) -> None:
     for name in ("telecare_events_ingested_total", "telecare_events_duplicate_total",
                  "telecare_ingest_lag_seconds_bucket", "telecare_ingest_batch_events_bucket"):
         assert name in text
+    page = httpx.get(f"{hub.base_url}/")
+    assert page.status_code == 200
+    assert '<html lang="nb">' in page.text
+    assert "Åpne alarmer" in page.text
     spec = httpx.get(f"{hub.base_url}/api/v1/openapi.json").json()
     assert "/api/v1/alarms/{alarm_id}/acknowledge" in spec["paths"]
