@@ -217,6 +217,19 @@ async def count_rows(database_url: str, sql: str, *params: Any) -> int:
         return int(row[0]) if row else 0
 
 
+async def events_stored(database_url: str, gateway_id: str) -> int:
+    return await count_rows(
+        database_url, "SELECT count(*) FROM events WHERE gateway_id = %s", gateway_id
+    )
+
+
+async def stored_exactly(database_url: str, gateway_id: str, expected: int) -> bool:
+    """True once ``expected`` events of the gateway are stored; fails at once on more."""
+    found = await events_stored(database_url, gateway_id)
+    assert found <= expected, f"{found} rows, more than the {expected} published"
+    return found == expected
+
+
 def stop_quietly(hub: HubProcess) -> None:
     with contextlib.suppress(Exception):
         hub.stop()

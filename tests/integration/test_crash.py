@@ -22,6 +22,7 @@ from tests.support import (
     HubProcess,
     count_rows,
     envelopes,
+    events_stored,
     home_registry,
     motion_events,
     publish,
@@ -106,9 +107,7 @@ async def _publish_slowly(url: str, gateway: str, payloads: list[bytes]) -> int:
 
 
 async def _rows_between(database_url: str, gateway: str, low: int, high: int) -> int:
-    found = await count_rows(
-        database_url, "SELECT count(*) FROM events WHERE gateway_id = %s", gateway
-    )
+    found = await events_stored(database_url, gateway)
     assert found <= MESSAGES * EVENTS_PER_MESSAGE
     return found if low <= found <= high else 0
 

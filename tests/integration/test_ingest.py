@@ -17,11 +17,13 @@ from tests.support import (
     HubProcess,
     count_rows,
     envelopes,
+    events_stored,
     home_registry,
     motion_events,
     publish,
     register,
     stop_quietly,
+    stored_exactly,
     wait_until_async,
 )
 
@@ -46,11 +48,6 @@ def _gateway() -> str:
     return f"gw-{uuid.uuid4().hex[:8]}"
 
 
-async def _events_of(database_url: str, gateway_id: str) -> int:
-    return await count_rows(database_url, "SELECT count(*) FROM events WHERE gateway_id = %s",
-                            gateway_id)
-
-
 @pytest.mark.slow
 async def test_ten_thousand_events_make_ten_thousand_rows_and_again_no_more(
     hub: HubProcess, database_url: str, mqtt_url: str
@@ -64,7 +61,7 @@ async def test_ten_thousand_events_make_ten_thousand_rows_and_again_no_more(
 
     assert await publish(mqtt_url, topic, singles + batched) == 5_000 + 20
     await wait_until_async(
-        lambda: _is(database_url, gateway, 10_000), timeout=60, what="10,000 rows"
+        lambda: stored_exactly(database_url, gateway, 10_000), timeout=60, what="10,000 rows"
     )
     assert await count_rows(
         database_url, "SELECT count(DISTINCT id) FROM events WHERE gateway_id = %s", gateway
@@ -76,14 +73,8 @@ async def test_ten_thousand_events_make_ten_thousand_rows_and_again_no_more(
         lambda: _metric_at_least(hub, "telecare_events_duplicate_total", 10_000),
         timeout=60, what="10,000 duplicates counted",
     )
-    assert await _events_of(database_url, gateway) == 10_000
+    assert await events_stored(database_url, gateway) == 10_000
     assert hub.metric("telecare_events_ingested_total") == 10_000
-
-
-async def _is(database_url: str, gateway: str, expected: int) -> bool:
-    found = await _events_of(database_url, gateway)
-    assert found <= expected, f"{found} rows, more than the {expected} published"
-    return found == expected
 
 
 async def _metric_at_least(hub: HubProcess, name: str, value: float) -> bool:
@@ -109,7 +100,9 @@ async def test_malformed_messages_are_quarantined_and_the_good_ones_stored(
     await publish(mqtt_url, f"telecare/v1/{gateway}/events", payloads)
     await publish(mqtt_url, f"telecare/v1/{other}/events", [envelope_json(motion_events(other, 1))])
 
-    await wait_until_async(lambda: _is(database_url, gateway, 22), timeout=30, what="22 rows")
+    await wait_until_async(
+        lambda: stored_exactly(database_url, gateway, 22), timeout=30, what="22 rows"
+    )
     expected = {
         "invalid_json": 1, "envelope_size": 1, "unknown_kind": 1,
         "gateway_mismatch": 2, "unregistered_gateway": 1,
@@ -120,7 +113,7 @@ async def test_malformed_messages_are_quarantined_and_the_good_ones_stored(
     )
     listed = httpx.get(f"{hub.base_url}/api/v1/quarantine").json()
     assert {q["reason"] for q in listed if q["gateway_id"] in (gateway, other)} == set(expected)
-    assert await _events_of(database_url, gateway) == 22
+    assert await events_stored(database_url, gateway) == 22
 
 
 async def _has_quarantine(

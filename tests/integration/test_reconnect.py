@@ -12,13 +12,13 @@ from devices.events import envelope_json
 from hub.embedded import EmbeddedBrokerThread
 from tests.support import (
     HubProcess,
-    count_rows,
     free_port,
     home_registry,
     motion_events,
     publish,
     register,
     stop_quietly,
+    stored_exactly,
     wait_until,
     wait_until_async,
 )
@@ -44,7 +44,7 @@ async def test_hub_reconnects_after_the_broker_restarts(
         hub.start()
         await publish(url, f"telecare/v1/{gateway}/events",
                       [envelope_json(motion_events(gateway, 10))])
-        await wait_until_async(lambda: _rows(database_url, gateway, 10), timeout=20)
+        await wait_until_async(lambda: stored_exactly(database_url, gateway, 10), timeout=20)
 
         broker.stop()
         wait_until(lambda: _broker_state(hub) == "disconnected", timeout=20,
@@ -55,7 +55,7 @@ async def test_hub_reconnects_after_the_broker_restarts(
 
         await publish(url, f"telecare/v1/{gateway}/events",
                       [envelope_json(motion_events(gateway, 10))])
-        await wait_until_async(lambda: _rows(database_url, gateway, 20), timeout=20)
+        await wait_until_async(lambda: stored_exactly(database_url, gateway, 20), timeout=20)
         assert hub.metric("telecare_mqtt_reconnects_total") >= 1
     finally:
         stop_quietly(hub)
@@ -67,10 +67,3 @@ def _broker_state(hub: HubProcess) -> str:
     state: str = response.json()["broker"]
     assert response.status_code == (200 if state == "ok" else 503)
     return state
-
-
-async def _rows(database_url: str, gateway: str, expected: int) -> bool:
-    found = await count_rows(
-        database_url, "SELECT count(*) FROM events WHERE gateway_id = %s", gateway
-    )
-    return found == expected

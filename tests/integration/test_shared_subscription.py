@@ -11,12 +11,12 @@ from devices.events import envelope_json
 from tests.support import (
     REAL_MQTT_URL,
     HubProcess,
-    count_rows,
     home_registry,
     motion_events,
     publish,
     register,
     stop_quietly,
+    stored_exactly,
     wait_until_async,
 )
 
@@ -42,7 +42,7 @@ async def test_two_hubs_on_a_shared_subscription_store_every_event_once(
             hub.start()
         await publish(mqtt_url, f"telecare/v1/{gateway}/events",
                       [envelope_json([e]) for e in events])
-        await wait_until_async(lambda: _rows(database_url, gateway, 2_000), timeout=60,
+        await wait_until_async(lambda: stored_exactly(database_url, gateway, 2_000), timeout=60,
                                what="2,000 rows")
         shares = [hub.metric("telecare_events_ingested_total") for hub in hubs]
         assert sum(shares) == 2_000
@@ -50,11 +50,3 @@ async def test_two_hubs_on_a_shared_subscription_store_every_event_once(
     finally:
         for hub in hubs:
             stop_quietly(hub)
-
-
-async def _rows(database_url: str, gateway: str, expected: int) -> bool:
-    found = await count_rows(
-        database_url, "SELECT count(*) FROM events WHERE gateway_id = %s", gateway
-    )
-    assert found <= expected
-    return found == expected
