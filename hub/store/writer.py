@@ -5,8 +5,10 @@ only after it commits are those messages acknowledged to the broker. So an event
 either stored (with the alarm it raised) and acknowledged, or neither, and the broker
 redelivers it.
 
-Events go in with COPY (binary) straight into ``events``. If the batch holds an id that
-is already stored (a redelivery), that COPY fails on the primary key and the transaction
+Events go in with COPY (binary) straight into ``events`` (a batch of a few rows, such as
+an alarm, goes in as one multi-row INSERT ... ON CONFLICT DO NOTHING instead). If the
+batch holds an id that is already stored (a redelivery), that COPY fails on the primary
+key and the transaction
 is done again through a staging table and ``INSERT ... ON CONFLICT DO NOTHING``:
 duplicates are counted, never stored twice. Redeliveries are rare, so the fast path is
 the usual one.
@@ -37,6 +39,9 @@ EVENT_COLUMNS = (
 _EVENT_TYPES = [
     "uuid", "timestamptz", "timestamptz", "timestamptz", "text", "text", "text", "text", "jsonb",
 ]
+SMALL_BATCH_ROWS = 20
+"""Up to this many rows a batch is one INSERT (one round trip); above it, COPY."""
+_ROW_PLACEHOLDER = "(" + ", ".join(["%s"] * 9) + ")"
 _COPY_EVENTS = f"COPY events ({EVENT_COLUMNS}) FROM STDIN (FORMAT BINARY)"
 _COPY_STAGE = f"COPY events_stage ({EVENT_COLUMNS}) FROM STDIN (FORMAT BINARY)"
 _CREATE_STAGE = (
@@ -47,21 +52,38 @@ _INSERT_FROM_STAGE = (
     f"INSERT INTO events ({EVENT_COLUMNS}) SELECT {EVENT_COLUMNS} FROM events_stage"
     " ON CONFLICT DO NOTHING RETURNING id"
 )
-_UPSERT_ALARM = """
-INSERT INTO alarms (id, site_id, resident_id, gateway_id, device_id, category, priority,
-                    state, trigger_event_id, trigger_time, raised_at, updated_at)
-VALUES (%(id)s, %(site_id)s, %(resident_id)s, %(gateway_id)s, %(device_id)s, %(category)s,
-        %(priority)s, 'raised', %(event_id)s, %(event_time)s, now(), now())
-ON CONFLICT (site_id, (coalesce(resident_id, '')), category)
-    WHERE state IN ('raised', 'acknowledged', 'on_site')
-DO UPDATE SET
-    trigger_count = alarms.trigger_count + 1,
-    updated_at = now(),
-    priority = CASE
-        WHEN array_position(%(ranks)s::text[], excluded.priority)
-             > array_position(%(ranks)s::text[], alarms.priority)
-        THEN excluded.priority ELSE alarms.priority END
-RETURNING id, priority, (xmax = 0) AS raised
+# Raise an alarm, or join the open one of the same resident and category, in one round
+# trip: the device's resident, the alarm row, the trigger and (for a new alarm) the
+# first transition. xmax = 0 tells an inserted row from an updated one.
+_RAISE_ALARM = """
+WITH device AS (
+    SELECT resident_id FROM devices WHERE gateway_id = %(gateway_id)s AND id = %(device_id)s
+), alarm AS (
+    INSERT INTO alarms (id, site_id, resident_id, gateway_id, device_id, category, priority,
+                        state, trigger_event_id, trigger_time, raised_at, updated_at)
+    VALUES (%(id)s, %(site_id)s, (SELECT resident_id FROM device), %(gateway_id)s,
+            %(device_id)s, %(category)s, %(priority)s, 'raised', %(event_id)s,
+            %(event_time)s, now(), now())
+    ON CONFLICT (site_id, (coalesce(resident_id, '')), category)
+        WHERE state IN ('raised', 'acknowledged', 'on_site')
+    DO UPDATE SET
+        trigger_count = alarms.trigger_count + 1,
+        updated_at = now(),
+        priority = CASE
+            WHEN array_position(%(ranks)s::text[], excluded.priority)
+                 > array_position(%(ranks)s::text[], alarms.priority)
+            THEN excluded.priority ELSE alarms.priority END
+    RETURNING id, priority, (xmax = 0) AS raised
+), trigger AS (
+    INSERT INTO alarm_triggers (alarm_id, event_id, event_time, kind, device_id, received_at)
+    SELECT id, %(event_id)s, %(event_time)s, %(kind)s, %(device_id)s, %(received_at)s
+    FROM alarm
+    ON CONFLICT DO NOTHING
+), transition AS (
+    INSERT INTO alarm_transitions (alarm_id, at, from_state, to_state, actor, reason)
+    SELECT id, now(), NULL, 'raised', 'system', %(reason)s FROM alarm WHERE raised
+)
+SELECT id, priority, raised FROM alarm
 """
 _PRIORITY_RANKS = ["technical", "normal", "high", "critical"]
 
@@ -225,6 +247,18 @@ class EventWriter:
         """COPY the rows in; returns the ids inserted, or None meaning all of them."""
         if not rows:
             return set()
+        if len(rows) <= SMALL_BATCH_ROWS:
+            # One round trip, where COPY takes several: what an alarm usually is.
+            placeholders = ", ".join([_ROW_PLACEHOLDER] * len(rows))
+            cur = await conn.execute(
+                f"INSERT INTO events ({EVENT_COLUMNS}) VALUES {placeholders}"
+                " ON CONFLICT DO NOTHING RETURNING id".encode(),
+                [value for row in rows for value in row],
+            )
+            inserted = {row[0] for row in await cur.fetchall()}
+            result.inserted += len(inserted)
+            result.duplicates += len(rows) - len(inserted)
+            return inserted
         if not staged:
             await self._copy(conn, _COPY_EVENTS, rows)
             result.inserted += len(rows)
@@ -272,39 +306,25 @@ class EventWriter:
         trigger: AlarmTrigger,
     ) -> RaisedAlarm:
         cur = await conn.execute(
-            "SELECT resident_id FROM devices WHERE gateway_id = %s AND id = %s",
-            (event.gateway_id, event.device_id),
-        )
-        device = await cur.fetchone()
-        cur = await conn.execute(
-            _UPSERT_ALARM,
+            _RAISE_ALARM,
             {
                 "id": uuid7(),
                 "site_id": self.registry.site_of(event.gateway_id),
-                "resident_id": device[0] if device else None,
                 "gateway_id": event.gateway_id,
                 "device_id": event.device_id,
                 "category": trigger.category,
                 "priority": trigger.priority.value,
                 "event_id": event.id,
                 "event_time": event.time,
+                "kind": event.kind,
+                "received_at": received_at,
+                "reason": f"{event.kind} from device {event.device_id}",
                 "ranks": _PRIORITY_RANKS,
             },
         )
         row = await cur.fetchone()
         assert row is not None  # noqa: S101 - INSERT ... RETURNING always returns the row
         alarm_id, priority, raised = row
-        await conn.execute(
-            "INSERT INTO alarm_triggers (alarm_id, event_id, event_time, kind, device_id,"
-            " received_at) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-            (alarm_id, event.id, event.time, event.kind, event.device_id, received_at),
-        )
-        if raised:
-            await conn.execute(
-                "INSERT INTO alarm_transitions (alarm_id, at, from_state, to_state, actor, reason)"
-                " VALUES (%s, now(), NULL, 'raised', 'system', %s)",
-                (alarm_id, f"{event.kind} from device {event.device_id}"),
-            )
         return RaisedAlarm(alarm_id=alarm_id, priority=priority, event_id=event.id, new=raised)
 
     async def _update_statuses(

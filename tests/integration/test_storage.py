@@ -17,7 +17,7 @@ from hub.db import migrate as migrate_module
 from hub.db.migrate import Migration, migrate
 from hub.db.partitions import maintain, partition_name
 from hub.errors import ConfigurationError, MigrationError
-from hub.store.writer import EventWriter, FlushRequest
+from hub.store.writer import SMALL_BATCH_ROWS, EventWriter, FlushRequest
 from tests.support import ROOT, home_registry, register
 
 pytestmark = pytest.mark.integration
@@ -121,22 +121,24 @@ async def test_partitions_are_made_ahead_stragglers_move_in_and_old_days_are_dro
         assert await cur.fetchone() == (0,)  # past retention
 
 
+@pytest.mark.parametrize("size", [5, 5 * SMALL_BATCH_ROWS])  # one INSERT; COPY
 async def test_duplicates_inside_one_batch_and_across_batches_are_counted_not_stored(
-    database_url: str,
+    database_url: str, size: int
 ) -> None:
     await register(database_url, home_registry("gw-dup"))
     events = [make_event("motion", gateway_id="gw-dup", device_id="m",
-                         device_type="motion_sensor") for _ in range(5)]
+                         device_type="motion_sensor") for _ in range(size)]
     now = datetime.now(UTC)
+    head = events[: size // 2]
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
         first = await EventWriter().write(
-            conn, FlushRequest(events=[(e, now) for e in events[:3] + events[:1]])
+            conn, FlushRequest(events=[(e, now) for e in [*head, head[0]]])
         )
         second = await EventWriter().write(conn, FlushRequest(events=[(e, now) for e in events]))
         cur = await conn.execute("SELECT count(*) FROM events WHERE gateway_id = 'gw-dup'")
-        assert await cur.fetchone() == (5,)
-    assert (first.inserted, first.duplicates) == (3, 1)
-    assert (second.inserted, second.duplicates) == (2, 3)
+        assert await cur.fetchone() == (size,)
+    assert (first.inserted, first.duplicates) == (len(head), 1)
+    assert (second.inserted, second.duplicates) == (size - len(head), len(head))
 
 
 async def test_registry_import_is_idempotent_and_updates_changed_rows(database_url: str) -> None:
