@@ -33,6 +33,7 @@ from pydantic import (
 )
 
 from devices.errors import InvalidEventError
+from devices.ids import uuid7
 
 MAX_EVENTS_PER_ENVELOPE = 500
 """ARCHITECTURE.md: an envelope carries 1 to 500 events."""
@@ -413,8 +414,6 @@ def make_event(
     event_id: Any = None,
 ) -> DeviceEvent:
     """Build a validated event with a fresh UUIDv7 (used by edges and simulators)."""
-    from devices.ids import uuid7
-
     data: dict[str, Any] = {
         "id": event_id or uuid7(),
         "time": time or datetime.now(UTC),

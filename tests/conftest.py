@@ -100,15 +100,6 @@ async def database_url(pg_admin_url: str) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def embedded_database_url(embedded_pg_admin_url: str) -> AsyncIterator[str]:
-    url = await fresh_database(embedded_pg_admin_url)
-    try:
-        yield url
-    finally:
-        await drop_database(embedded_pg_admin_url, url)
-
-
-@pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     path = tmp_path / "telecare"
     path.mkdir()

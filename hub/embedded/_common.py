@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+from abc import ABC, abstractmethod
+from types import TracebackType
 
 LOOPBACK = "127.0.0.1"
 
@@ -17,3 +19,28 @@ def free_port(host: str = LOOPBACK) -> int:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+class SyncService(ABC):
+    """A service started and stopped from synchronous code; ``with`` gives its URL."""
+
+    @abstractmethod
+    def start(self) -> str:
+        """Start and return the URL."""
+
+    @abstractmethod
+    def stop(self) -> None:
+        """Stop; safe to call when not running."""
+
+    def __enter__(self) -> str:
+        """Start and return the URL."""
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Stop."""
+        self.stop()

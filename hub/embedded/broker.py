@@ -46,7 +46,7 @@ from typing import Any
 import structlog
 from amqtt.plugins.base import BaseAuthPlugin
 
-from hub.embedded._common import LOOPBACK
+from hub.embedded._common import LOOPBACK, SyncService
 
 log = structlog.get_logger(__name__)
 
@@ -170,7 +170,7 @@ class EmbeddedBroker:
         await self.stop()
 
 
-class EmbeddedBrokerThread:
+class EmbeddedBrokerThread(SyncService):
     """An ``EmbeddedBroker`` running in a daemon thread with its own event loop.
 
     For synchronous code (pytest fixtures, scripts) and for processes whose main loop
@@ -247,19 +247,6 @@ class EmbeddedBrokerThread:
                 loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
-
-    def __enter__(self) -> str:
-        """Start and return the URL."""
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Stop."""
-        self.stop()
 
     def __repr__(self) -> str:
         """Show the URL or that it is stopped."""

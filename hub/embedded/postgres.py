@@ -47,14 +47,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import psycopg
 import structlog
 from psycopg import sql
 
-from hub.embedded._common import LOOPBACK, free_port
+from hub.embedded._common import LOOPBACK, SyncService, free_port
 
 log = structlog.get_logger(__name__)
 
@@ -210,7 +209,7 @@ def _read_postmaster_pid(data_dir: Path) -> int | None:
         return None
 
 
-class EmbeddedPostgres:
+class EmbeddedPostgres(SyncService):
     """A private PostgreSQL server on 127.0.0.1 whose cluster lives in ``data_dir``.
 
     ``start()`` returns a URL for the ``telecare`` database (created if missing);
@@ -293,19 +292,6 @@ class EmbeddedPostgres:
         finally:
             self._port = None
             self._unlock()
-
-    def __enter__(self) -> str:
-        """Start and return the URL."""
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Stop."""
-        self.stop()
 
     def __repr__(self) -> str:
         """Show the directory and port."""

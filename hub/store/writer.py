@@ -135,6 +135,18 @@ class FlushResult:
     quarantined: list[QuarantineRecord] = field(default_factory=list)
 
 
+def _unregistered(gateway_id: str, leaf: str, payload: str) -> QuarantineRecord:
+    raw = payload.encode()
+    return QuarantineRecord(
+        topic=f"telecare/v1/{gateway_id}/{leaf}",
+        reason="unregistered_gateway",
+        detail=f"gateway {gateway_id!r} is not registered; add it with 'telecare admin import'",
+        payload=raw,
+        payload_size=len(raw),
+        gateway_id=gateway_id,
+    )
+
+
 class GatewayRegistry:
     """Registered gateways and their sites, cached; reloaded when an unknown one appears."""
 
@@ -194,15 +206,7 @@ class EventWriter:
         for event, received_at in events:
             if self.registry.site_of(event.gateway_id) is None:
                 result.quarantined.append(
-                    QuarantineRecord(
-                        topic=f"telecare/v1/{event.gateway_id}/events",
-                        reason="unregistered_gateway",
-                        detail=f"gateway {event.gateway_id!r} is not registered;"
-                        " add it with 'telecare admin import'",
-                        payload=event.model_dump_json().encode(),
-                        payload_size=0,
-                        gateway_id=event.gateway_id,
-                    )
+                    _unregistered(event.gateway_id, "events", event.model_dump_json())
                 )
             else:
                 kept.append((event, received_at))
@@ -336,14 +340,7 @@ class EventWriter:
         for update in statuses:
             if self.registry.site_of(update.gateway_id) is None:
                 result.quarantined.append(
-                    QuarantineRecord(
-                        topic=f"telecare/v1/{update.gateway_id}/status",
-                        reason="unregistered_gateway",
-                        detail=f"gateway {update.gateway_id!r} is not registered",
-                        payload=update.status.model_dump_json().encode(),
-                        payload_size=0,
-                        gateway_id=update.gateway_id,
-                    )
+                    _unregistered(update.gateway_id, "status", update.status.model_dump_json())
                 )
                 continue
             status = update.status
@@ -386,7 +383,7 @@ class EventWriter:
                         r.reason,
                         r.detail,
                         r.payload,
-                        r.payload_size or len(r.payload),
+                        r.payload_size,
                     )
                     for r in records
                 ],
