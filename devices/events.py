@@ -72,6 +72,8 @@ class DeviceType(StrEnum):
     SMOKE_DETECTOR = "smoke_detector"
     FALL_DETECTOR = "fall_detector"
     WATER_LEAK_SENSOR = "water_leak_sensor"
+    NURSE_CALL = "nurse_call"
+    """A care home's nurse-call system (an ESPA 4.4.4 central or one of its call points)."""
     GATEWAY = "gateway"
 
 
@@ -95,6 +97,9 @@ class EventKind(StrEnum):
     BED_EXITED = "bed_exited"
     SMOKE = "smoke"
     FALL = "fall"
+    VIBRATION = "vibration"
+    NURSE_CALL = "nurse_call"
+    NURSE_CALL_CLEARED = "nurse_call_cleared"
     WATER_LEAK = "water_leak"
     BATTERY_LOW = "battery_low"
     BATTERY_LEVEL = "battery_level"
@@ -161,6 +166,23 @@ class SmokePayload(Payload):
 
 class FallPayload(Payload):
     confidence: float | None = Field(default=None, ge=0.0, le=1.0)
+
+
+class VibrationPayload(Payload):
+    action: Literal["vibration", "tilt", "drop"] = "vibration"
+    strength: int | None = Field(default=None, ge=0, le=100_000)
+
+
+class NurseCallPayload(Payload):
+    """A call from a nurse-call system (ESPA 4.4.4 records 1, 2, 3, 4 and 6)."""
+
+    address: Annotated[str, StringConstraints(min_length=1, max_length=64)] = Field(
+        description="The call point's address in the nurse-call system (room, bed)."
+    )
+    message: Annotated[str, StringConstraints(max_length=160)] | None = None
+    call_type: Annotated[str, StringConstraints(max_length=16)] | None = None
+    priority: int | None = Field(default=None, ge=1, le=9, description="1 is the highest.")
+    beep_code: Annotated[str, StringConstraints(max_length=16)] | None = None
 
 
 class BatteryPayload(Payload):
@@ -268,6 +290,19 @@ KINDS: dict[EventKind, KindSpec] = {
             EventKind.FALL,
             FallPayload,
             frozenset({DeviceType.FALL_DETECTOR, DeviceType.SAFETY_ALARM}),
+            alarm_relevant=True,
+        ),
+        KindSpec(EventKind.VIBRATION, VibrationPayload, frozenset({DeviceType.FALL_DETECTOR})),
+        KindSpec(
+            EventKind.NURSE_CALL,
+            NurseCallPayload,
+            frozenset({DeviceType.NURSE_CALL}),
+            alarm_relevant=True,
+        ),
+        KindSpec(
+            EventKind.NURSE_CALL_CLEARED,
+            NurseCallPayload,
+            frozenset({DeviceType.NURSE_CALL}),
             alarm_relevant=True,
         ),
         KindSpec(

@@ -29,11 +29,13 @@ from devices.events import (
     HeartbeatPayload,
     LocationPayload,
     LockPayload,
+    NurseCallPayload,
     Payload,
     RefillPayload,
     SmokePayload,
     SupervisionPayload,
     UnlockFailedPayload,
+    VibrationPayload,
     envelope_json,
     is_identifier,
     make_event,
@@ -113,6 +115,19 @@ PAYLOADS: dict[type[Payload], st.SearchStrategy[Payload]] = {
         BatteryLevelPayload, level_percent=st.integers(0, 100), voltage=voltages
     ),
     SupervisionPayload: st.builds(SupervisionPayload, last_seen=_optional(aware_datetimes)),
+    VibrationPayload: st.builds(
+        VibrationPayload,
+        action=_literal(VibrationPayload, "action"),
+        strength=_optional(st.integers(0, 100_000)),
+    ),
+    NurseCallPayload: st.builds(
+        NurseCallPayload,
+        address=st.text(min_size=1, max_size=64),
+        message=_optional(st.text(max_size=160)),
+        call_type=_optional(st.text(max_size=16)),
+        priority=_optional(st.integers(1, 9)),
+        beep_code=_optional(st.text(max_size=16)),
+    ),
     HeartbeatPayload: st.builds(
         HeartbeatPayload,
         uptime_s=_optional(st.integers(0, 2**63 - 1)),
