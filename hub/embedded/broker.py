@@ -12,12 +12,13 @@ Found by experiment with amqtt 0.12.1, aiomqtt 2.5.1 and paho-mqtt 2.2:
   ``MqttConnectError`` "[code:132] Unsupported protocol version"). Use 3.1.1 against it.
 * **Shared subscriptions: no.** ``SUBSCRIBE $share/group/topic`` is granted (SUBACK QoS 1)
   but the filter is matched literally, so the subscriber silently receives nothing.
-* **Redelivery of unacknowledged QoS 1: no.** The broker waits 5 s for a PUBACK, then
-  logs a warning plus an ERROR traceback (``Task failed and will be skipped``) and drops
-  the message; a disconnect drops in-flight messages at once. A persistent-session
-  subscriber that reconnects gets nothing it had received but not acknowledged. QoS 1
-  is therefore at-most-once for slow or crashing consumers: acknowledge only after the
-  message is durable and expect loss on a consumer crash.
+* **Redelivery of unacknowledged QoS 1: patched.** amqtt 0.12 itself waits 5 s for a
+  PUBACK and then drops the message, and drops in-flight messages when the subscriber's
+  connection ends. ``hub/embedded/amqtt_redelivery.py`` (installed by ``start()``) makes
+  the broker keep an unacknowledged message in the session until its PUBACK and resend it
+  when the session reconnects, as MQTT 3.1.1 requires. Sessions still live in memory only:
+  when the broker's process dies, so does what it held (see "In-process broker" in
+  docs/architecture.md).
 * **In-flight window: unbounded.** With paho manual acknowledgement the broker keeps
   sending while earlier messages are unacked: all 2000 of 2000 published messages
   arrived with none acked. There is no receive-maximum or inflight limit (packet ids,
@@ -135,6 +136,9 @@ class EmbeddedBroker:
             return self.url
         from amqtt.broker import Broker
 
+        from hub.embedded import amqtt_redelivery
+
+        amqtt_redelivery.install()
         _quiet_amqtt()
         broker = Broker(self._config())
         await broker.start()
