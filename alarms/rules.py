@@ -2,8 +2,10 @@
 
 A row says: an event of this kind (with this payload condition) raises an alarm of
 this category and priority, or joins the open alarm of that category for the same
-resident. The alarm service issue extends this table with stateful rules (grace
-periods, night wandering, supervision); the first path is the pendant press.
+resident. A second table says which events clear a technical condition: an open alarm of
+that category resolves by itself once every device that triggered it has sent its
+clearing event (a device back online, mains power back). The alarm service issue extends
+these tables with stateful rules (grace periods, night wandering, dose follow-up).
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from dataclasses import dataclass
 
 from alarms.lifecycle import Priority
 from devices.events import DeviceEvent, EventKind, SmokePayload
+
+OFFLINE = "offline"
+"""Category of a device or gateway that stopped reporting (technical)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,8 +45,33 @@ TRIGGER_RULES: dict[EventKind, TriggerRule] = {
         TriggerRule(EventKind.BUTTON_PRESSED, AlarmTrigger("assistance", Priority.CRITICAL)),
         TriggerRule(EventKind.FALL, AlarmTrigger("fall", Priority.CRITICAL)),
         TriggerRule(EventKind.SMOKE, AlarmTrigger("fire", Priority.CRITICAL), _not_a_test),
+        TriggerRule(EventKind.WATER_LEAK, AlarmTrigger("water_leak", Priority.HIGH)),
+        TriggerRule(EventKind.NURSE_CALL, AlarmTrigger("nurse_call", Priority.HIGH)),
+        TriggerRule(EventKind.DEVICE_OFFLINE, AlarmTrigger(OFFLINE, Priority.TECHNICAL)),
+        TriggerRule(EventKind.POWER_LOST, AlarmTrigger("power", Priority.TECHNICAL)),
+        TriggerRule(EventKind.BATTERY_LOW, AlarmTrigger("battery", Priority.TECHNICAL)),
+        TriggerRule(EventKind.TAMPER, AlarmTrigger("tamper", Priority.TECHNICAL)),
+        TriggerRule(EventKind.JAMMED, AlarmTrigger("jammed", Priority.TECHNICAL)),
     )
 }
+
+CLEARING_RULES: dict[EventKind, str] = {
+    EventKind.DEVICE_ONLINE: OFFLINE,
+    EventKind.POWER_RESTORED: "power",
+    EventKind.NURSE_CALL_CLEARED: "nurse_call",
+}
+"""Events that end a condition: kind -> the category whose open alarm they clear."""
+
+CLEARING_KINDS: dict[str, frozenset[str]] = {
+    category: frozenset(k.value for k, c in CLEARING_RULES.items() if c == category)
+    for category in set(CLEARING_RULES.values())
+}
+"""Per category, the kinds that clear it (the writer checks a device's latest trigger)."""
+
+
+def clears(event: DeviceEvent) -> str | None:
+    """The category of open alarm this event clears, if any."""
+    return CLEARING_RULES.get(EventKind(event.kind))
 
 
 def trigger_for(event: DeviceEvent) -> AlarmTrigger | None:

@@ -316,10 +316,9 @@ KINDS: dict[EventKind, KindSpec] = {
         KindSpec(EventKind.POWER_LOST, EmptyPayload, _ALL, alarm_relevant=True),
         KindSpec(EventKind.POWER_RESTORED, EmptyPayload, _ALL, alarm_relevant=True),
         KindSpec(EventKind.TAMPER, EmptyPayload, _ANY_DEVICE, alarm_relevant=True),
-        KindSpec(
-            EventKind.DEVICE_OFFLINE, SupervisionPayload, _ANY_DEVICE, alarm_relevant=True
-        ),
-        KindSpec(EventKind.DEVICE_ONLINE, SupervisionPayload, _ANY_DEVICE, alarm_relevant=True),
+        # A gateway's own offline/online events are made by the hub's supervision.
+        KindSpec(EventKind.DEVICE_OFFLINE, SupervisionPayload, _ALL, alarm_relevant=True),
+        KindSpec(EventKind.DEVICE_ONLINE, SupervisionPayload, _ALL, alarm_relevant=True),
         KindSpec(EventKind.HEARTBEAT, HeartbeatPayload, _ALL),
     )
 }

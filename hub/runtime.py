@@ -22,6 +22,7 @@ from hub.db.partitions import maintain
 from hub.ingest import Ingest
 from hub.metrics import HubMetrics
 from hub.settings import HubSettings, MqttEndpoint
+from hub.supervision import GatewaySupervisor
 
 log = structlog.get_logger(__name__)
 
@@ -37,6 +38,7 @@ class HubRuntime:
         self.mqtt_url = ""
         self.pool: psycopg_pool.AsyncConnectionPool[Any] | None = None
         self.ingest: Ingest | None = None
+        self.supervisor: GatewaySupervisor | None = None
         self._embedded_pg: Any = None
         self._embedded_broker: Any = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -83,6 +85,8 @@ class HubRuntime:
                 embedded_broker=self._embedded_broker is not None,
             )
             self._tasks.append(asyncio.create_task(self.ingest.run(), name="ingest"))
+            self.supervisor = GatewaySupervisor(self.pool, s.supervision)
+            self._tasks.append(asyncio.create_task(self.supervisor.run(), name="supervision"))
         log.info(
             "hub_started",
             database="embedded" if self._embedded_pg else "external",

@@ -88,6 +88,24 @@ class StorageSettings(BaseModel):
     pool_max_size: int = 10
 
 
+class SupervisionSettings(BaseModel):
+    """Hub-side supervision of gateways (one technical alarm per silent gateway)."""
+
+    gateway_timeout_s: int = Field(
+        default=120,
+        ge=5,
+        description="A gateway not heard from for this long is offline (edges send a "
+        "heartbeat every 30 s); a gateway row's supervision_timeout_s overrides it.",
+    )
+    interval_s: float = Field(default=10.0, gt=0, description="How often to check.")
+    restart_grace_s: int | None = Field(
+        default=None,
+        ge=0,
+        description="After the hub starts, silence is not judged for this long (the "
+        "backlog is still arriving): a hub restart must page nobody. Default: the timeout.",
+    )
+
+
 class HubSettings(BaseSettings):
     """Everything one hub process needs. See README.md for the production set-up."""
 
@@ -114,6 +132,7 @@ class HubSettings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
     ingest: IngestSettings = IngestSettings()
     storage: StorageSettings = StorageSettings()
+    supervision: SupervisionSettings = SupervisionSettings()
 
     @field_validator("mqtt_url")
     @classmethod

@@ -16,6 +16,7 @@ the usual one.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -26,10 +27,11 @@ import psycopg
 import structlog
 from psycopg.types.json import Jsonb
 
-from alarms.rules import AlarmTrigger, trigger_for
+from alarms.rules import AlarmTrigger, clears, trigger_for
 from devices.events import DeviceEvent
 from devices.gateway import GatewayStatus
 from devices.ids import uuid7
+from hub.store import clearing
 
 log = structlog.get_logger(__name__)
 
@@ -125,6 +127,8 @@ class FlushRequest:
     """The gateways the events name, if the caller knows (saves a pass over the events)."""
     quarantine: list[QuarantineRecord] = field(default_factory=list)
     statuses: list[StatusUpdate] = field(default_factory=list)
+    from_gateways: bool = True
+    """False for events the hub makes itself (supervision): they are not a sign of life."""
 
 
 @dataclass(slots=True)
@@ -132,6 +136,8 @@ class FlushResult:
     inserted: int = 0
     duplicates: int = 0
     alarms: list[RaisedAlarm] = field(default_factory=list)
+    resolved: list[UUID] = field(default_factory=list)
+    """Technical alarms resolved by a clearing event in this flush."""
     quarantined: list[QuarantineRecord] = field(default_factory=list)
 
 
@@ -167,8 +173,12 @@ class GatewayRegistry:
 class EventWriter:
     """Writes a ``FlushRequest`` in one transaction on the connection it is given."""
 
+    LAST_SEEN_EVERY_S = 5.0
+    """``gateways.last_seen_at`` is written at most this often per gateway and process."""
+
     def __init__(self, registry: GatewayRegistry | None = None) -> None:
         self.registry = registry or GatewayRegistry()
+        self._last_seen_written: dict[str, float] = {}
 
     async def write(
         self, conn: psycopg.AsyncConnection[Any], request: FlushRequest
@@ -186,9 +196,20 @@ class EventWriter:
         self, conn: psycopg.AsyncConnection[Any], request: FlushRequest, *, staged: bool
     ) -> FlushResult:
         result = FlushResult(quarantined=list(request.quarantine))
+        now = time.monotonic()
         async with conn.transaction():
             gateways = request.gateways or {e.gateway_id for e, _ in request.events}
-            await self.registry.ensure(conn, gateways | {s.gateway_id for s in request.statuses})
+            heard = gateways | {s.gateway_id for s in request.statuses}
+            await self.registry.ensure(conn, heard)
+            stale = [
+                gw for gw in heard
+                if request.from_gateways
+                and now - self._last_seen_written.get(gw, -1e9) >= self.LAST_SEEN_EVERY_S
+            ]
+            if stale:
+                await conn.execute(
+                    "UPDATE gateways SET last_seen_at = now() WHERE id = ANY(%s)", [stale]
+                )
             events = request.events
             if any(self.registry.site_of(gw) is None for gw in gateways):
                 events = self._registered_events(events, result)
@@ -197,6 +218,7 @@ class EventWriter:
             await self._raise_alarms(conn, events, inserted_ids, result)
             await self._update_statuses(conn, request.statuses, result)
             await self._quarantine(conn, result.quarantined)
+        self._last_seen_written.update((gw, now) for gw in stale)
         return result
 
     def _registered_events(
@@ -301,6 +323,17 @@ class EventWriter:
                 result.alarms.append(
                     await self._raise(conn, event, received_at, trigger)
                 )
+            category = clears(event)
+            if category is not None:
+                resolved = await clearing.clear(
+                    conn,
+                    site_id=self.registry.site_of(event.gateway_id),
+                    category=category,
+                    event=event,
+                    received_at=received_at,
+                )
+                if resolved is not None:
+                    result.resolved.append(resolved)
 
     async def _raise(
         self,
