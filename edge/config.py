@@ -300,6 +300,11 @@ class EspaPort(_SerialPortBase):
     central_device_id: Id
     addresses: dict[EspaAddress, Id] = Field(default_factory=dict)
     check_in_s: CheckIn | None = Field(default=None, description="For the central.")
+    cleared_statuses: list[Annotated[str, Field(min_length=1, max_length=16)]] = Field(
+        default_factory=list,
+        description="Values of record 7 (call status) that mean the call was reset at the "
+        "bed; the central's manual says which. Empty: no call is ever read as cleared.",
+    )
 
     @property
     def device_ids(self) -> tuple[str, ...]:

@@ -6,6 +6,8 @@ the last reported value of each field it acts on and emits events on changes:
 - door sensor ``contact``: ``false`` is ``opened``, ``true`` is ``closed``; the first
   report after start emits the current state once;
 - motion sensor ``occupancy: true``: ``motion`` on every report (``false``: nothing);
+- bed sensor (a pressure mat reporting ``occupancy``, or ``contact`` as some mats do,
+  where ``contact: true`` means pressed): ``bed_entered`` / ``bed_exited`` on changes;
 - smoke ``smoke``, water leak ``water_leak``, and on any device ``battery_low`` and
   ``tamper``: an event when the value becomes true. A first report of ``true`` after start
   counts (a repeated alarm is better than a lost one);
@@ -241,6 +243,10 @@ class Zigbee2MqttTranslator:
             emitted.append((EventKind.CLOSED if state.contact else EventKind.OPENED, room))
         elif kind is DeviceType.MOTION_SENSOR and state.occupancy:
             emitted.append((EventKind.MOTION, room))
+        elif kind is DeviceType.BED_SENSOR:
+            in_bed = state.occupancy if state.occupancy is not None else state.contact
+            if _changed("in_bed", in_bed, memory):
+                emitted.append((EventKind.BED_ENTERED if in_bed else EventKind.BED_EXITED, {}))
         elif kind is DeviceType.FALL_DETECTOR:
             emitted.extend(_fall_detector(state, memory))
         elif kind is DeviceType.DOOR_LOCK:

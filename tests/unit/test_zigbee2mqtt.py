@@ -692,3 +692,17 @@ def test_random_state_changes_give_exactly_the_expected_events(
             expected += model.state(name, message)
         got += [summary(event) for event in tr.handle(topic, payload, NOW)]
     assert got == expected
+
+
+def test_a_bed_sensor_reports_entering_and_leaving_the_bed_on_changes_only() -> None:
+    tr = translator({"flat12/bed": DeviceBinding("bed-12", DeviceType.BED_SENSOR)})
+    topic = "zigbee2mqtt/flat12/bed"
+    reports = [{"occupancy": True}, {"occupancy": True, "battery": 80}, {"occupancy": False},
+               {"occupancy": False}, {"occupancy": True}]
+    kinds = [e.kind for r in reports for e in tr.handle(topic, state_payload(r), NOW)]
+    assert kinds == ["bed_entered", "battery_level", "bed_exited", "bed_entered"]
+    # A mat that reports as a contact: pressed (contact true) is in bed.
+    mat = translator({"flat12/mat": DeviceBinding("mat-12", DeviceType.BED_SENSOR)})
+    pressed = mat.handle("zigbee2mqtt/flat12/mat", state_payload({"contact": True}), NOW)
+    released = mat.handle("zigbee2mqtt/flat12/mat", state_payload({"contact": False}), NOW)
+    assert [e.kind for e in pressed + released] == ["bed_entered", "bed_exited"]
