@@ -37,7 +37,7 @@ from pydantic import ValidationError
 from devices.errors import InvalidEventError
 from devices.events import DeviceEvent, describe_validation_error, is_identifier, parse_envelope
 from devices.events import parse_event as _parse_event
-from devices.gateway import GatewayStatus
+from devices.gateway import CommandResult, GatewayStatus
 from hub.metrics import HubMetrics
 from hub.settings import IngestSettings, MqttEndpoint
 from hub.store.writer import (
@@ -52,6 +52,7 @@ log = structlog.get_logger(__name__)
 
 EVENTS_TOPIC = "telecare/v1/+/events"
 STATUS_TOPIC = "telecare/v1/+/status"
+RESULTS_TOPIC = "telecare/v1/+/command-results"
 
 
 @dataclass(slots=True)
@@ -65,6 +66,7 @@ class Inbound:
     events: list[tuple[DeviceEvent, datetime]] = field(default_factory=list)
     quarantine: list[QuarantineRecord] = field(default_factory=list)
     statuses: list[StatusUpdate] = field(default_factory=list)
+    command_results: list[tuple[str, CommandResult]] = field(default_factory=list)
     urgent: bool = False
     gateway_id: str | None = None
     """The gateway of the topic; every event kept in ``events`` names it."""
@@ -208,7 +210,10 @@ class Ingest:
         events_topic = EVENTS_TOPIC
         if self._settings.shared_group:
             events_topic = f"$share/{self._settings.shared_group}/{EVENTS_TOPIC}"
-        await client.subscribe([(events_topic, 1), (STATUS_TOPIC, 1)])
+        results_topic = RESULTS_TOPIC
+        if self._settings.shared_group:
+            results_topic = f"$share/{self._settings.shared_group}/{RESULTS_TOPIC}"
+        await client.subscribe([(events_topic, 1), (STATUS_TOPIC, 1), (results_topic, 1)])
         self.connected.set()
         self._metrics.mqtt_connected.set(1)
         log.info("mqtt_subscribed", topic=events_topic, generation=self._generation)
@@ -246,6 +251,8 @@ class Ingest:
             self._parse_events(inbound, topic, parts[2], raw)
         elif parts[3] == "status":
             self._parse_status(inbound, topic, parts[2], raw)
+        elif parts[3] == "command-results":
+            self._parse_result(inbound, topic, parts[2], raw)
         else:
             self._reject(inbound, topic, raw, "bad_topic", f"unexpected topic {topic!r}")
         return inbound
@@ -306,6 +313,25 @@ class Ingest:
             )
             return
         inbound.statuses.append(StatusUpdate(gateway_id, status))
+
+    def _parse_result(self, inbound: Inbound, topic: str, gateway_id: str, raw: bytes) -> None:
+        try:
+            result = CommandResult.model_validate_json(raw)
+        except ValidationError as exc:
+            self._reject(
+                inbound, topic, raw, "invalid_command_result", describe_validation_error(exc),
+                gateway_id,
+            )
+            return
+        inbound.command_results.append((gateway_id, result))
+        inbound.urgent = True  # somebody may be waiting at a door for this
+
+    async def publish(self, topic: str, payload: bytes) -> None:
+        """Publish at QoS 1 on the ingest's connection (commands to gateways)."""
+        client = self._client
+        if client is None or not self.connected.is_set():
+            raise ConnectionError("the hub is not connected to the MQTT broker")
+        await client.publish(topic, payload, qos=1)
 
     def _reject(  # noqa: PLR0917 - called a dozen times, always in this order
         self,
@@ -393,6 +419,7 @@ class Ingest:
                 request.gateways.add(inbound.gateway_id)
             request.quarantine.extend(inbound.quarantine)
             request.statuses.extend(inbound.statuses)
+            request.command_results.extend(inbound.command_results)
         async with self._pool.connection() as conn:
             return await self._writer.write(conn, request)
 

@@ -12,8 +12,10 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from alarms.errors import InvalidTransitionError
+from hub.api.commands import router as commands_router
 from hub.api.pages import router as pages_router
 from hub.api.routes import router
+from hub.commands import CommandError
 from hub.errors import NotFoundError
 from hub.runtime import HubRuntime
 from hub.settings import HubSettings
@@ -43,6 +45,7 @@ def create_app(settings: HubSettings, *, runtime: HubRuntime | None = None) -> F
         redoc_url=None,
     )
     app.include_router(router, prefix=API_PREFIX)
+    app.include_router(commands_router, prefix=API_PREFIX)
     app.include_router(pages_router)
     _add_error_handlers(app)
 
@@ -65,6 +68,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(NotFoundError)
     async def not_found(_request: Request, exc: NotFoundError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(CommandError)
+    async def command_refused(_request: Request, exc: CommandError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
 
     @app.exception_handler(InvalidTransitionError)
     async def conflict(_request: Request, exc: InvalidTransitionError) -> JSONResponse:

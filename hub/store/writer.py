@@ -29,8 +29,9 @@ from psycopg.types.json import Jsonb
 
 from alarms.rules import AlarmTrigger, clears, trigger_for
 from devices.events import DeviceEvent
-from devices.gateway import GatewayStatus
+from devices.gateway import CommandResult, GatewayStatus
 from devices.ids import uuid7
+from hub.commands import record_results
 from hub.store import clearing
 
 log = structlog.get_logger(__name__)
@@ -127,6 +128,8 @@ class FlushRequest:
     """The gateways the events name, if the caller knows (saves a pass over the events)."""
     quarantine: list[QuarantineRecord] = field(default_factory=list)
     statuses: list[StatusUpdate] = field(default_factory=list)
+    command_results: list[tuple[str, CommandResult]] = field(default_factory=list)
+    """(gateway, result) pairs from ``telecare/v1/{gateway}/command-results``."""
     from_gateways: bool = True
     """False for events the hub makes itself (supervision): they are not a sign of life."""
 
@@ -217,6 +220,8 @@ class EventWriter:
             inserted_ids = await self._insert_events(conn, rows, result, staged=staged)
             await self._raise_alarms(conn, events, inserted_ids, result)
             await self._update_statuses(conn, request.statuses, result)
+            if request.command_results:
+                await record_results(conn, request.command_results)
             await self._quarantine(conn, result.quarantined)
         self._last_seen_written.update((gw, now) for gw in stale)
         return result
