@@ -29,6 +29,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     AfterValidator,
@@ -54,7 +55,7 @@ DEFAULT_CHECK_IN_S: Mapping[DeviceType, int] = {
     DeviceType.SAFETY_ALARM: 3600,  # pendant / base unit: a periodic test at least hourly
     DeviceType.FALL_DETECTOR: 4 * 3600,
     DeviceType.SMOKE_DETECTOR: 4 * 3600,
-    DeviceType.MEDICINE_DISPENSER: 15 * 60,  # serial status report every few minutes
+    DeviceType.MEDICINE_DISPENSER: 180,  # heartbeat every 60 s (docs/protocols/dispenser.md)
     DeviceType.NURSE_CALL: 5 * 60,  # ESPA 4.4.4 polling traffic flows continuously
     DeviceType.DOOR_LOCK: 2 * 3600,
     DeviceType.DOOR_SENSOR: 2 * 3600,  # battery Zigbee: Z2M's own 25 h is far too slow
@@ -187,6 +188,11 @@ class HubConfig(MqttBroker):
 
     protocol: Literal["5", "3.1.1"] = "5"
     heartbeat_s: int = Field(default=30, ge=5, le=3600)
+    reconnect_min_s: float = Field(default=1.0, gt=0, le=60)
+    reconnect_max_s: float = Field(
+        default=60.0, gt=0, le=3600,
+        description="The longest wait between attempts to reach the hub (with jitter).",
+    )
     ca_file: Path | None = Field(
         default=None, description="CA certificate for mqtts:// when the hub uses a private CA."
     )
@@ -278,6 +284,20 @@ class DispenserPort(_SerialPortBase):
     protocol: Literal["dispenser"]
     device_id: Id
     check_in_s: CheckIn | None = None
+    time_zone: str = Field(
+        default="Europe/Oslo",
+        description="IANA time zone of the home: the dispenser's schedule is local time, "
+        "and its clock is set with this zone's UTC offset.",
+    )
+
+    @field_validator("time_zone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{value!r} is not an IANA time zone such as 'Europe/Oslo'") from None
+        return value
 
     @property
     def device_ids(self) -> tuple[str, ...]:

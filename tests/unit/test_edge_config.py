@@ -58,12 +58,12 @@ def test_the_shipped_example_loads_with_its_devices() -> None:
     assert config.sia is not None
     assert set(config.sia.accounts[0].zones) == {1, 2}
     supervised = config.supervised_devices()
-    assert supervised["dispenser-0042-1"] == (DeviceType.MEDICINE_DISPENSER, 900)
+    assert supervised["dispenser-0042-1"] == (DeviceType.MEDICINE_DISPENSER, 180)
     assert supervised["motion-0042-1"] == (DeviceType.MOTION_SENSOR, 3600)  # its own value
     assert supervised["alarm-0042-1"] == (DeviceType.SAFETY_ALARM, 3600)
     assert "pendant-0042-1" not in supervised  # a zone: supervised by its alarm unit
     supervisor = Supervisor(config.gateway_id, supervised, now=datetime(2025, 1, 1, tzinfo=UTC))
-    assert supervisor.next_due() == datetime(2025, 1, 1, 0, 15, tzinfo=UTC)  # the dispenser
+    assert supervisor.next_due() == datetime(2025, 1, 1, 0, 3, tzinfo=UTC)  # the dispenser
 
 
 def test_a_minimal_file_gets_the_defaults(tmp_path: Path) -> None:
@@ -82,7 +82,7 @@ def test_a_minimal_file_gets_the_defaults(tmp_path: Path) -> None:
 
 def test_defaults_follow_the_telecare_requirements() -> None:
     assert DEFAULT_CHECK_IN_S[DeviceType.SAFETY_ALARM] <= 3600  # at least hourly
-    assert DEFAULT_CHECK_IN_S[DeviceType.MEDICINE_DISPENSER] == 900
+    assert DEFAULT_CHECK_IN_S[DeviceType.MEDICINE_DISPENSER] == 180  # the protocol's silence limit
     assert DEFAULT_CHECK_IN_S[DeviceType.MOTION_SENSOR] <= 2 * 3600  # not Z2M's 25 h
     assert 3600 < DEFAULT_CHECK_IN_S[DeviceType.SMOKE_DETECTOR] <= 6 * 3600
     assert set(DEFAULT_CHECK_IN_S) == set(DeviceType) - {DeviceType.GATEWAY}
@@ -461,3 +461,16 @@ def test_friendly_names_with_wildcards_or_stray_slashes_are_refused(
     (problem,) = problems(tmp_path, text)
 
     assert problem.startswith("zigbee2mqtt.devices[0].friendly_name: must be a plain MQTT topic")
+
+
+def test_a_dispenser_time_zone_must_be_a_real_one(tmp_path: Path) -> None:
+    text = MINIMAL + (
+        '[[serial]]\npath = "/dev/ttyUSB0"\nprotocol = "dispenser"\ndevice_id = "disp-1"\n'
+        'time_zone = "Europe/Olso"\n'
+    )
+    path = tmp_path / "edge.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert "serial[0].time_zone" in str(caught.value)
+    assert "IANA" in str(caught.value)
