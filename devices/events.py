@@ -444,6 +444,7 @@ def make_event(
     device_id: str,
     device_type: DeviceType | str,
     time: datetime | None = None,
+    gateway_time: datetime | None = None,
     payload: dict[str, Any] | None = None,
     event_id: Any = None,
 ) -> DeviceEvent:
@@ -451,6 +452,7 @@ def make_event(
     data: dict[str, Any] = {
         "id": event_id or uuid7(),
         "time": time or datetime.now(UTC),
+        "gateway_time": gateway_time,
         "gateway_id": gateway_id,
         "device_id": device_id,
         "device_type": str(device_type),
