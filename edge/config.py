@@ -27,29 +27,63 @@ import re
 import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
-from urllib.parse import unquote, urlsplit
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from typing import Any, Literal
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    SecretStr,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from devices.events import DeviceType
+from edge.config_devices import (
+    DispenserPort,
+    EspaAddress,
+    EspaPort,
+    SerialPort,
+    SiaAccount,
+    SiaConfig,
+    SiaZone,
+    Topic,
+    Zigbee2MqttConfig,
+    ZigbeeDevice,
 )
+from edge.config_fields import (
+    MAX_CHECK_IN_S,
+    MIN_CHECK_IN_S,
+    CheckIn,
+    DeviceClass,
+    Id,
+    MqttBroker,
+    Room,
+    Section,
+    resolve_path,
+)
+from edge.errors import ConfigError
 
-from devices.errors import TelecareError
-from devices.events import DeviceType, is_identifier
-
-MIN_CHECK_IN_S = 30
-MAX_CHECK_IN_S = 24 * 3600
-"""A device silent for a day is a fault (UK practice: technical faults handled in 24 h)."""
+__all__ = [
+    "DEFAULT_CHECK_IN_S",
+    "FALLBACK_CHECK_IN_S",
+    "MAX_CHECK_IN_S",
+    "MIN_CHECK_IN_S",
+    "CheckIn",
+    "ConfigError",
+    "DeviceClass",
+    "DispenserPort",
+    "EdgeConfig",
+    "EspaAddress",
+    "EspaPort",
+    "HubConfig",
+    "Id",
+    "MqttBroker",
+    "QueueConfig",
+    "Room",
+    "SerialPort",
+    "SiaAccount",
+    "SiaConfig",
+    "SiaZone",
+    "Topic",
+    "Zigbee2MqttConfig",
+    "ZigbeeDevice",
+    "describe_config_error",
+    "load_config",
+]
 
 DEFAULT_CHECK_IN_S: Mapping[DeviceType, int] = {
     DeviceType.SAFETY_ALARM: 3600,  # pendant / base unit: a periodic test at least hourly
@@ -67,120 +101,10 @@ FALLBACK_CHECK_IN_S = 3600
 """For a device type added to ``devices.events`` after this table was written."""
 
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
-_SIA_ACCOUNT = re.compile(r"^[0-9A-Fa-f]{3,16}$")
 _SECRET_KEYS = frozenset({"mqtt_url", "username", "password"})
 
 
-class ConfigError(TelecareError):
-    """The config file cannot be read or is wrong. ``problems`` holds one line per key."""
-
-    def __init__(self, path: Path, problems: list[str]) -> None:
-        self.path = path
-        self.problems = problems
-        if len(problems) == 1:
-            message = f"{path}: {problems[0]}"
-        else:
-            lines = "\n".join(f"  {problem}" for problem in problems)
-            message = f"{path}: {len(problems)} problems:\n{lines}"
-        super().__init__(message)
-
-
-# --- field types ------------------------------------------------------------------------
-
-
-def _identifier(value: str) -> str:
-    if not is_identifier(value):
-        raise ValueError(
-            "must be 1 to 64 characters: letters, digits, '.', '_', ':' or '-', "
-            "starting with a letter or digit (it appears in MQTT topics)"
-        )
-    return value
-
-
-def _device_class(value: DeviceType) -> DeviceType:
-    if value is DeviceType.GATEWAY:
-        raise ValueError("'gateway' is the gateway itself, not a device behind it")
-    return value
-
-
-Id = Annotated[str, AfterValidator(_identifier)]
-DeviceClass = Annotated[DeviceType, AfterValidator(_device_class)]
-CheckIn = Annotated[int, Field(ge=MIN_CHECK_IN_S, le=MAX_CHECK_IN_S)]
-Room = Annotated[str, Field(min_length=1, max_length=40)]
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-def _resolve(value: Path, info: ValidationInfo) -> Path:
-    base = info.context.get("base_dir") if isinstance(info.context, dict) else None
-    if isinstance(base, Path) and not value.is_absolute():
-        return base / value
-    return value
-
-
-# --- MQTT brokers -----------------------------------------------------------------------
-
-
-class MqttBroker(_Section):
-    """A broker: ``mqtt://host:port`` or ``mqtts://host:port`` and optional credentials."""
-
-    mqtt_url: str
-    username: str | None = Field(default=None, min_length=1)
-    password: SecretStr | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _credentials_out_of_url(cls, data: Any) -> Any:
-        if not isinstance(data, dict) or not isinstance(data.get("mqtt_url"), str):
-            return data
-        try:
-            parts = urlsplit(data["mqtt_url"])
-        except ValueError:
-            return data  # reported by the field validator
-        if parts.username is None and parts.password is None:
-            return data
-        if "username" in data or "password" in data:
-            raise ValueError(
-                "the user name and password are given both in mqtt_url and as "
-                "username/password: give them once"
-            )
-        host = parts.netloc.rpartition("@")[2]
-        return {
-            **data,
-            "mqtt_url": parts._replace(netloc=host).geturl(),
-            "username": unquote(parts.username) if parts.username else None,
-            "password": unquote(parts.password) if parts.password else None,
-        }
-
-    @field_validator("mqtt_url")
-    @classmethod
-    def _url_is_a_broker(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in {"mqtt", "mqtts"}:
-            raise ValueError("must look like mqtt://host:1883 or mqtts://host:8883")
-        if not parts.hostname:
-            raise ValueError("has no host: write it like mqtt://host:1883")
-        try:
-            parts.port  # noqa: B018 - urlsplit parses the port lazily; this raises if bad
-        except ValueError:
-            raise ValueError("has a port that is not a number from 1 to 65535") from None
-        if parts.path not in {"", "/"} or parts.query or parts.fragment:
-            raise ValueError("must be only scheme, host and port, with no path or query")
-        return value
-
-    @property
-    def tls(self) -> bool:
-        return self.mqtt_url.startswith("mqtts:")
-
-    @property
-    def host(self) -> str:
-        return urlsplit(self.mqtt_url).hostname or ""
-
-    @property
-    def port(self) -> int:
-        return urlsplit(self.mqtt_url).port or (8883 if self.tls else 1883)
+# --- the hub and the queue --------------------------------------------------------------
 
 
 class HubConfig(MqttBroker):
@@ -190,7 +114,9 @@ class HubConfig(MqttBroker):
     heartbeat_s: int = Field(default=30, ge=5, le=3600)
     reconnect_min_s: float = Field(default=1.0, gt=0, le=60)
     reconnect_max_s: float = Field(
-        default=60.0, gt=0, le=3600,
+        default=60.0,
+        gt=0,
+        le=3600,
         description="The longest wait between attempts to reach the hub (with jitter).",
     )
     ca_file: Path | None = Field(
@@ -209,186 +135,23 @@ class HubConfig(MqttBroker):
     def _ca_file_exists(cls, value: Path | None, info: ValidationInfo) -> Path | None:
         if value is None:
             return None
-        path = _resolve(value, info)
+        path = resolve_path(value, info)
         if not path.is_file():
             raise ValueError(f"no such file: {path}")
         return path
 
 
-class QueueConfig(_Section):
+class QueueConfig(Section):
     """``[queue]``: limits of the durable store-and-forward queue in ``data_dir``."""
 
     max_events: int = Field(default=1_000_000, ge=1_000)
     max_bytes: int = Field(default=512 * 1024 * 1024, ge=1024 * 1024)
 
 
-# --- Zigbee2MQTT ------------------------------------------------------------------------
-
-
-def _plain_topic(value: str) -> str:
-    if not value or any(char in value for char in "#+\0") or value[0] == "/" or value[-1] == "/":
-        raise ValueError("must be a plain MQTT topic: not empty, no '#' or '+', no '/' at an end")
-    return value
-
-
-Topic = Annotated[str, Field(max_length=200), AfterValidator(_plain_topic)]
-
-
-class ZigbeeDevice(_Section):
-    """One ``[[zigbee2mqtt.devices]]`` entry: a Z2M friendly name bound to a device."""
-
-    friendly_name: Topic
-    device_id: Id
-    device_type: DeviceClass
-    room: Room | None = None
-    check_in_s: CheckIn | None = None
-
-
-class Zigbee2MqttConfig(MqttBroker):
-    """``[zigbee2mqtt]``: the home's local broker that Zigbee2MQTT publishes to."""
-
-    mqtt_url: str = "mqtt://127.0.0.1:1883"
-    base_topic: Topic = "zigbee2mqtt"
-    devices: list[ZigbeeDevice] = Field(default_factory=list)
-
-
-# --- serial ports -----------------------------------------------------------------------
-
-
-def _stopbits(value: float) -> float:
-    if value not in {1, 1.5, 2}:
-        raise ValueError("must be 1, 1.5 or 2")
-    return value
-
-
-class _SerialPortBase(_Section):
-    path: str = Field(
-        min_length=2, description="Prefer a stable /dev/serial/by-id/... link to /dev/ttyUSB0."
-    )
-    baudrate: int = Field(default=9600, ge=50, le=4_000_000)
-    bytesize: Literal[5, 6, 7, 8] = 8
-    parity: Literal["N", "E", "O", "M", "S"] = "N"
-    stopbits: Annotated[float, AfterValidator(_stopbits)] = 1
-
-    @field_validator("path")
-    @classmethod
-    def _absolute(cls, value: str) -> str:
-        if not value.startswith("/"):
-            raise ValueError("must be an absolute device path such as /dev/ttyUSB0")
-        return value
-
-
-class DispenserPort(_SerialPortBase):
-    """A medicine dispenser on its own serial line (our documented line protocol)."""
-
-    protocol: Literal["dispenser"]
-    device_id: Id
-    check_in_s: CheckIn | None = None
-    time_zone: str = Field(
-        default="Europe/Oslo",
-        description="IANA time zone of the home: the dispenser's schedule is local time, "
-        "and its clock is set with this zone's UTC offset.",
-    )
-
-    @field_validator("time_zone")
-    @classmethod
-    def _known_zone(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"{value!r} is not an IANA time zone such as 'Europe/Oslo'") from None
-        return value
-
-    @property
-    def device_ids(self) -> tuple[str, ...]:
-        return (self.device_id,)
-
-
-def _espa_address(value: str) -> str:
-    if not value or len(value) > 64 or not value.isprintable():
-        raise ValueError("an ESPA call address is 1 to 64 printable characters")
-    return value
-
-
-EspaAddress = Annotated[str, AfterValidator(_espa_address)]
-
-
-class EspaPort(_SerialPortBase):
-    """A care home's nurse-call central speaking ESPA 4.4.4; call points by address."""
-
-    protocol: Literal["espa444"]
-    central_device_id: Id
-    addresses: dict[EspaAddress, Id] = Field(default_factory=dict)
-    check_in_s: CheckIn | None = Field(default=None, description="For the central.")
-    cleared_statuses: list[Annotated[str, Field(min_length=1, max_length=16)]] = Field(
-        default_factory=list,
-        description="Values of record 7 (call status) that mean the call was reset at the "
-        "bed; the central's manual says which. Empty: no call is ever read as cleared.",
-    )
-
-    @property
-    def device_ids(self) -> tuple[str, ...]:
-        return (self.central_device_id, *self.addresses.values())
-
-
-SerialPort = Annotated[DispenserPort | EspaPort, Field(discriminator="protocol")]
-
-
-# --- SIA DC-09 --------------------------------------------------------------------------
-
-
-class SiaZone(_Section):
-    """A device reported through an SIA account's zone (a pendant, a smoke detector)."""
-
-    device_id: Id
-    device_type: DeviceClass
-    room: Room | None = None
-    check_in_s: CheckIn | None = None
-
-
-def _sia_account(value: str) -> str:
-    if not _SIA_ACCOUNT.fullmatch(value):
-        raise ValueError("an SIA account is 3 to 16 hexadecimal characters, like '1234AB'")
-    return value.upper()
-
-
-def _zone_keys(value: Any) -> Any:
-    """Zones are numbers: '1', '01' and '001' are one zone, and may appear only once."""
-    if not isinstance(value, dict):
-        return value
-    zones: dict[int, Any] = {}
-    for key, binding in value.items():
-        text = str(key)
-        if not text.isdigit() or int(text) > 9999:
-            raise ValueError(f"zone {text!r} is not a number from 0 to 9999")
-        if int(text) in zones:
-            raise ValueError(f"zone {int(text)} is given twice")
-        zones[int(text)] = binding
-    return zones
-
-
-class SiaAccount(_Section):
-    """``[[sia.accounts]]``: an alarm unit's account, the unit itself and its zones."""
-
-    account: Annotated[str, AfterValidator(_sia_account)]
-    device_id: Id
-    device_type: DeviceClass
-    check_in_s: CheckIn | None = None
-    zones: Annotated[dict[int, SiaZone], BeforeValidator(_zone_keys)] = Field(default_factory=dict)
-
-
-class SiaConfig(_Section):
-    """``[sia]``: the SIA DC-09 receiver that alarm units on the home network report to."""
-
-    host: str = Field(default="127.0.0.1", min_length=1)
-    port: int = Field(ge=1, le=65535)
-    accounts: list[SiaAccount] = Field(default_factory=list)
-
-
 # --- the whole file ---------------------------------------------------------------------
 
 
-class EdgeConfig(_Section):
+class EdgeConfig(Section):
     """One gateway's configuration (``edge.toml``)."""
 
     gateway_id: Id
@@ -405,7 +168,7 @@ class EdgeConfig(_Section):
     @field_validator("data_dir")
     @classmethod
     def _data_dir_beside_config(cls, value: Path, info: ValidationInfo) -> Path:
-        return _resolve(value, info)
+        return resolve_path(value, info)
 
     @model_validator(mode="after")
     def _unique(self) -> EdgeConfig:

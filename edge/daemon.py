@@ -50,8 +50,19 @@ SUPERVISION_TICK_S = 1.0
 REPORT_S = 10.0
 """How often the daemon writes ``status.json`` and logs newly rejected input."""
 
-REJECT_MARKERS = ("bad", "garbage", "overflow", "invalid", "unknown", "malformed",
-                  "rejected", "naks_sent", "unmappable", "mapping_failures", "oversize")
+REJECT_MARKERS = (
+    "bad",
+    "garbage",
+    "overflow",
+    "invalid",
+    "unknown",
+    "malformed",
+    "rejected",
+    "naks_sent",
+    "unmappable",
+    "mapping_failures",
+    "oversize",
+)
 """Counter names that count input the daemon refused (a frame, a payload, a message)."""
 
 
@@ -160,8 +171,12 @@ class EdgeDaemon:
     # --- commands from the hub --------------------------------------------------------
 
     async def on_command(self, command: GatewayCommand) -> CommandResult:
-        log.info("command_received", command_id=str(command.command_id), kind=command.kind,
-                 device_id=command.device_id)
+        log.info(
+            "command_received",
+            command_id=str(command.command_id),
+            kind=command.kind,
+            device_id=command.device_id,
+        )
         if command.kind == "test_alarm" and command.device_id == self.config.gateway_id:
             await self.sink([self._gateway_event(EventKind.TEST_ALARM)])
             return CommandResult(command_id=command.command_id, ok=True, time=datetime.now(UTC))
@@ -177,11 +192,17 @@ class EdgeDaemon:
 
     def _gateway_event(self, kind: EventKind) -> DeviceEvent:
         now = datetime.now(UTC)
-        return parse_event({
-            "id": uuid7(), "time": now, "gateway_time": now,
-            "gateway_id": self.config.gateway_id, "device_id": self.config.gateway_id,
-            "device_type": DeviceType.GATEWAY, "kind": kind,
-        })
+        return parse_event(
+            {
+                "id": uuid7(),
+                "time": now,
+                "gateway_time": now,
+                "gateway_id": self.config.gateway_id,
+                "device_id": self.config.gateway_id,
+                "device_type": DeviceType.GATEWAY,
+                "kind": kind,
+            }
+        )
 
     # --- running ----------------------------------------------------------------------
 
@@ -209,8 +230,12 @@ class EdgeDaemon:
                 tasks.create_task(self._report(), name="report")
                 for name, runner in self._drivers():
                     tasks.create_task(runner, name=name)
-                log.info("edge_started", gateway_id=cfg.gateway_id, version=self.version,
-                         drivers=sorted(self.drivers))
+                log.info(
+                    "edge_started",
+                    gateway_id=cfg.gateway_id,
+                    version=self.version,
+                    drivers=sorted(self.drivers),
+                )
                 self.started.set()
         finally:
             for task in list(self._background):
@@ -244,12 +269,17 @@ class EdgeDaemon:
                     new = value - previous.get((part, name), 0)
                     previous[(part, name)] = value
                     if new > 0:
-                        log.warning("edge_input_rejected", part=part, reason=name, count=new,
-                                    total=value)
-            status = {"gateway_id": self.config.gateway_id, "version": self.version,
-                      "time": datetime.now(UTC).isoformat(),
-                      "uplink_connected": bool(self.uplink and self.uplink.connected),
-                      "offline_devices": sorted(self.supervisor.offline), **counters}
+                        log.warning(
+                            "edge_input_rejected", part=part, reason=name, count=new, total=value
+                        )
+            status = {
+                "gateway_id": self.config.gateway_id,
+                "version": self.version,
+                "time": datetime.now(UTC).isoformat(),
+                "uplink_connected": bool(self.uplink and self.uplink.connected),
+                "offline_devices": sorted(self.supervisor.offline),
+                **counters,
+            }
             await asyncio.to_thread(_write_atomically, path, json.dumps(status, indent=1))
 
     def _drivers(self) -> list[tuple[str, Coroutine[Any, Any, None]]]:

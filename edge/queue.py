@@ -16,7 +16,8 @@ docs/edge-queue.md for the reasoning and the numbers.
 
 ``EdgeQueue`` is synchronous and bound to the thread that opened it (sqlite3's own check).
 ``AsyncEdgeQueue`` runs one ``EdgeQueue`` on a dedicated single-worker executor, so the
-event loop never waits on an fsync.
+event loop never waits on an fsync. The schema and SQLite helpers are in
+``edge.queue_sqlite``.
 """
 
 from __future__ import annotations
@@ -35,20 +36,31 @@ from typing import Self, TypeVar
 
 import structlog
 
-from devices.errors import TelecareError
 from devices.events import DeviceEvent
+from edge.errors import QueueError
+from edge.queue_sqlite import SQL_CHUNK, MiB, RateLimitedLog, Transaction, prepare
+
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_EVENTS",
+    "LOG_INTERVAL_S",
+    "AsyncEdgeQueue",
+    "EdgeQueue",
+    "MiB",
+    "Priority",
+    "QueueDepth",
+    "QueueError",
+    "QueuedEvent",
+    "priority_of",
+]
 
 log = structlog.get_logger()
 
-MiB = 1024 * 1024
 DEFAULT_MAX_EVENTS = 1_000_000
 DEFAULT_MAX_BYTES = 512 * MiB
 LOG_INTERVAL_S = 60.0
 """At most one warning (dropped telemetry) and one error (over the cap) per interval."""
 
-_SCHEMA_VERSION = 1
-_SQL_CHUNK = 500
-"""Bound parameters per statement: far below SQLite's limit on every version in use."""
 _COUNTERS = (
     "stored",
     "duplicates",
@@ -57,23 +69,6 @@ _COUNTERS = (
     "dropped_telemetry_bytes",
     "alarms_over_capacity",
 )
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    event_id TEXT NOT NULL UNIQUE,
-    priority INTEGER NOT NULL,
-    enqueued_at REAL NOT NULL,
-    body TEXT NOT NULL,
-    size INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS events_by_priority ON events (priority, seq);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
-"""
-
-
-class QueueError(TelecareError):
-    """The queue cannot be opened or written (disk full, locked by another process...)."""
 
 
 class Priority(IntEnum):
@@ -108,25 +103,6 @@ class QueueDepth:
         return self.alarm + self.telemetry
 
 
-class _RateLimitedLog:
-    """Logs an event at most once per interval, with how many occurrences it stands for."""
-
-    def __init__(self, interval_s: float, monotonic: Callable[[], float]) -> None:
-        self._interval_s = interval_s
-        self._monotonic = monotonic
-        self._last: float | None = None
-        self._pending = 0
-
-    def __call__(self, emit: Callable[..., object], event: str, count: int, **kw: object) -> None:
-        self._pending += count
-        now = self._monotonic()
-        if self._last is not None and now - self._last < self._interval_s:
-            return
-        emit(event, occurrences=self._pending, **kw)
-        self._last = now
-        self._pending = 0
-
-
 class EdgeQueue:
     """The synchronous queue. Use ``EdgeQueue.open``; every method is one transaction."""
 
@@ -146,8 +122,8 @@ class EdgeQueue:
         self._counters = dict.fromkeys(_COUNTERS, 0)
         self._count = {Priority.ALARM: 0, Priority.TELEMETRY: 0}
         self._bytes = 0
-        self._drop_log = _RateLimitedLog(LOG_INTERVAL_S, monotonic)
-        self._over_log = _RateLimitedLog(LOG_INTERVAL_S, monotonic)
+        self._drop_log = RateLimitedLog(LOG_INTERVAL_S, monotonic)
+        self._over_log = RateLimitedLog(LOG_INTERVAL_S, monotonic)
 
     @classmethod
     def open(
@@ -181,27 +157,7 @@ class EdgeQueue:
 
     def _prepare(self) -> None:
         conn = self._conn
-        # Exclusive: one daemon per queue file. Set before the first WAL access, so no
-        # shared-memory index is used; the lock is taken by the first write below.
-        conn.execute("PRAGMA locking_mode = EXCLUSIVE")
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise sqlite3.OperationalError(f"journal_mode is {mode}, not wal")
-        conn.execute("PRAGMA synchronous = FULL")
-        conn.execute(f"PRAGMA journal_size_limit = {64 * MiB}")
-        with self._transaction():
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > _SCHEMA_VERSION:
-                raise sqlite3.DatabaseError(f"queue schema {version} is newer than this code")
-            # Statement by statement: executescript() would COMMIT our transaction.
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            conn.executemany(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES (?, 0)",
-                [(key,) for key in _COUNTERS],
-            )
-            conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+        prepare(conn, _COUNTERS)
         for key, value in conn.execute("SELECT key, value FROM meta"):
             if key in self._counters:
                 self._counters[key] = int(value)
@@ -307,8 +263,8 @@ class EdgeQueue:
         removed_bytes = 0
         try:
             with self._transaction():
-                for start in range(0, len(wanted), _SQL_CHUNK):
-                    chunk = wanted[start : start + _SQL_CHUNK]
+                for start in range(0, len(wanted), SQL_CHUNK):
+                    chunk = wanted[start : start + SQL_CHUNK]
                     marks = ",".join("?" * len(chunk))
                     rows = self._conn.execute(
                         f"SELECT priority, size FROM events WHERE seq IN ({marks})", chunk
@@ -345,8 +301,8 @@ class EdgeQueue:
                 if seq not in skip
             ][:limit]
             found: list[QueuedEvent] = []
-            for start in range(0, len(seqs), _SQL_CHUNK):
-                chunk = seqs[start : start + _SQL_CHUNK]
+            for start in range(0, len(seqs), SQL_CHUNK):
+                chunk = seqs[start : start + SQL_CHUNK]
                 marks = ",".join("?" * len(chunk))
                 found.extend(
                     QueuedEvent(seq, event_id, Priority(prio), enqueued_at, body, size)
@@ -388,8 +344,8 @@ class EdgeQueue:
 
     # --- helpers ----------------------------------------------------------------------
 
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self._conn)
+    def _transaction(self) -> Transaction:
+        return Transaction(self._conn)
 
     def _bump(self, changes: dict[str, int]) -> None:
         self._conn.executemany(
@@ -422,32 +378,6 @@ class EdgeQueue:
                 max_events=self._max_events,
                 max_bytes=self._max_bytes,
             )
-
-
-class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception."""
-
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self._conn = conn
-
-    def __enter__(self) -> None:
-        self._conn.execute("BEGIN IMMEDIATE")
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc_type is None:
-            try:
-                self._conn.execute("COMMIT")
-            except sqlite3.Error:  # disk full, I/O error: leave no transaction open
-                if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
-                raise
-        elif self._conn.in_transaction:
-            self._conn.execute("ROLLBACK")
 
 
 _T = TypeVar("_T")

@@ -15,45 +15,60 @@ flight at once, and ``ALARM_SLOTS`` more are kept for alarm envelopes, so an ala
 during a long telemetry drain goes out in the next publish without waiting for any
 telemetry PUBACK, behind at most that many bytes.
 
-Why not ``aiomqtt.Client.publish``: it does return only after the PUBACK for QoS 1 (it
-waits for paho's ``on_publish``, which paho calls on PUBACK for QoS > 0), but it drops
-the PUBACK's reason code. Under MQTT 5 a broker that refuses a message (not authorised,
-quota exceeded) still answers with a PUBACK, and an edge that took that as delivery
-would delete events the broker threw away. ``_AckingClient`` below keeps the reason
-code; it and ``hub.ingest`` are the places that reach into aiomqtt's private parts.
+Publishing goes through ``edge.mqtt_client.AckingClient``, which keeps each PUBACK's
+reason code (its docstring says why ``aiomqtt.Client.publish`` is not enough).
+Commands are decided, executed and answered by ``edge.commands``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import random
-import socket
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal, Self
-from urllib.parse import unquote, urlsplit
+from typing import Any, Literal
 
 import aiomqtt
-import paho.mqtt.client as paho
 import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
-from pydantic import UUID7, TypeAdapter, ValidationError
 
-from devices.events import (
-    MAX_EVENTS_PER_ENVELOPE,
-    describe_validation_error,
-    is_identifier,
-    make_event,
-)
+from devices.events import MAX_EVENTS_PER_ENVELOPE, is_identifier, make_event
 from devices.gateway import CommandResult, GatewayCommand, GatewayStatus
-from edge.queue import AsyncEdgeQueue, Priority, QueuedEvent, QueueError
+from edge.commands import (
+    COMMANDS_WAITING,
+    RESULTS_KEPT,
+    SEEN_COMMANDS,
+    CommandDecision,
+    CommandWorker,
+    ResultsOutbox,
+    decide_command,
+)
+from edge.errors import QueueError
+from edge.mqtt_client import AckingClient, Backoff, BrokerAddress, PublishRefusedError
+from edge.queue import AsyncEdgeQueue, Priority, QueuedEvent
+
+__all__ = [
+    "ALARM_SLOTS",
+    "COMMANDS_WAITING",
+    "COUNTERS",
+    "IDLE_POLL_S",
+    "MAX_ENVELOPE_BYTES",
+    "MAX_INFLIGHT_BYTES",
+    "RESULTS_KEPT",
+    "SEEN_COMMANDS",
+    "STABLE_SESSION_S",
+    "Backoff",
+    "BrokerAddress",
+    "CommandDecision",
+    "Topics",
+    "Uplink",
+    "build_envelope",
+    "decide_command",
+]
 
 ALARM_SLOTS = 2
 """Envelopes in flight beyond ``window``, usable by alarm envelopes only."""
@@ -61,10 +76,6 @@ MAX_ENVELOPE_BYTES = 64 * 1024
 MAX_INFLIGHT_BYTES = 128 * 1024
 """Telemetry bytes awaiting PUBACK (one envelope more may start): what an alarm may find
 ahead of it on a slow link. 192 KiB at 1 Mbit/s is 1.6 s; docs/edge-queue.md has more."""
-RESULTS_KEPT = 1_000
-"""Command results waiting for a connection; beyond this the oldest is dropped."""
-COMMANDS_WAITING = 64
-SEEN_COMMANDS = 1_024
 IDLE_POLL_S = 1.0
 """The drain looks at the queue at least this often, even if nobody calls notify()."""
 STABLE_SESSION_S = 30.0
@@ -82,34 +93,9 @@ COUNTERS = (
 """The keys of ``Uplink.counters``: envelopes (published, acked) and events are both counted."""
 
 _OFFLINE = GatewayStatus(state="offline").model_dump_json(exclude_none=True).encode()
-_UUID7: TypeAdapter[Any] = TypeAdapter(UUID7)
 
 
 # --- pure helpers ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class BrokerAddress:
-    host: str
-    port: int
-    username: str | None = None
-    password: str | None = None
-    tls: bool = False
-
-    @classmethod
-    def from_url(cls, url: str) -> BrokerAddress:
-        """``mqtt://[user:password@]host[:port]`` or ``mqtts://`` (TLS, port 8883)."""
-        parts = urlsplit(url)
-        if parts.scheme not in {"mqtt", "mqtts"} or not parts.hostname:
-            raise ValueError("the MQTT URL must look like mqtt://[user:pass@]host[:port]")
-        tls = parts.scheme == "mqtts"
-        return cls(
-            host=parts.hostname,
-            port=parts.port or (8883 if tls else 1883),
-            username=unquote(parts.username) if parts.username else None,
-            password=unquote(parts.password) if parts.password else None,
-            tls=tls,
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,130 +129,6 @@ def build_envelope(
         size += item.size + 1
     payload = b'{"events":[' + b",".join(item.body.encode() for item in chosen) + b"]}"
     return payload, chosen
-
-
-@dataclass(frozen=True, slots=True)
-class CommandDecision:
-    """What to do with one message on the commands topic."""
-
-    command: GatewayCommand | None = None
-    """Set if the command is to be executed."""
-    result: CommandResult | None = None
-    """Set if the edge answers at once (invalid or expired)."""
-    reason: Literal["invalid", "expired"] | None = None
-    error: str | None = None
-
-
-def decide_command(raw: bytes, *, now: datetime) -> CommandDecision:
-    """Validate a command and check its expiry. Pure: ``now`` is the gateway's clock."""
-    try:
-        command = GatewayCommand.model_validate_json(raw)
-    except ValidationError as exc:
-        error = describe_validation_error(exc)[:500]
-        command_id = _readable_command_id(raw)
-        result = None
-        if command_id is not None:
-            result = CommandResult(command_id=command_id, ok=False, error=error, time=now)
-        return CommandDecision(result=result, reason="invalid", error=error)
-    if command.expires_at <= now:
-        result = CommandResult(command_id=command.command_id, ok=False, error="expired", time=now)
-        return CommandDecision(result=result, reason="expired", error="expired")
-    return CommandDecision(command=command)
-
-
-def _readable_command_id(raw: bytes) -> Any:
-    try:
-        data = json.loads(raw)
-        return _UUID7.validate_python(data.get("command_id")) if isinstance(data, dict) else None
-    except (ValueError, RecursionError):  # ValidationError is a ValueError
-        return None
-
-
-class Backoff:
-    """Exponential backoff with jitter: the n-th delay is uniform in [d/2, d], d = min·2ⁿ."""
-
-    def __init__(self, min_s: float, max_s: float, rng: random.Random | None = None) -> None:
-        if not 0 < min_s <= max_s:
-            raise ValueError("need 0 < reconnect_min_s <= reconnect_max_s")
-        self._min_s, self._max_s = min_s, max_s
-        self._rng = rng or random.Random()  # noqa: S311 - jitter, not security
-        self._attempt = 0
-
-    def next_delay(self) -> float:
-        ceiling = min(self._max_s, self._min_s * 2 ** min(self._attempt, 60))
-        self._attempt += 1
-        return self._rng.uniform(ceiling / 2, ceiling)
-
-    def reset(self) -> None:
-        self._attempt = 0
-
-
-# --- the MQTT client ------------------------------------------------------------------
-
-
-class _PublishRefusedError(aiomqtt.MqttError):
-    """The broker answered a PUBACK with a failure reason code (MQTT 5)."""
-
-
-class _AckingClient(aiomqtt.Client):
-    """aiomqtt's client plus a publish whose future carries the PUBACK reason code, and a
-    way to drop the connection without DISCONNECT (so the broker sends our will)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._acks: dict[int, asyncio.Future[ReasonCode]] = {}
-
-    async def __aenter__(self) -> Self:
-        await super().__aenter__()
-        # We learn of a lost connection from the message iterator or a failed publish; this
-        # marks the disconnection's error as seen, so asyncio never logs it as unretrieved.
-        self._disconnected.add_done_callback(
-            lambda future: None if future.cancelled() else future.exception()
-        )
-        return self
-
-    def publish_start(
-        self, topic: str, payload: bytes, *, retain: bool = False
-    ) -> asyncio.Future[ReasonCode]:
-        """Hand a QoS 1 PUBLISH to paho now (so calls go out in call order); the future
-        resolves at its PUBACK. paho reads only in the loop's reader callback, so the
-        PUBACK cannot be processed before the future is registered."""
-        info = self._client.publish(topic, payload, qos=1, retain=retain)
-        if info.rc != paho.MQTT_ERR_SUCCESS:
-            raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
-        future: asyncio.Future[ReasonCode] = asyncio.get_running_loop().create_future()
-        mid = info.mid
-        self._acks[mid] = future
-        future.add_done_callback(lambda done: self._forget(mid, done))
-        return future
-
-    def _forget(self, mid: int, future: asyncio.Future[ReasonCode]) -> None:
-        if self._acks.get(mid) is future:  # a cancelled wait; the PUBACK already popped it
-            del self._acks[mid]
-
-    def _on_publish(
-        self,
-        client: paho.Client,
-        userdata: Any,
-        mid: int,
-        reason_code: ReasonCode,
-        properties: Properties,
-    ) -> None:
-        future = self._acks.pop(mid, None)
-        if future is not None and not future.done():
-            future.set_result(reason_code)
-        super()._on_publish(client, userdata, mid, reason_code, properties)
-
-    async def drop(self) -> None:
-        """Shut the socket down without DISCONNECT and wait (≤ 1 s) for paho to notice."""
-        sock = self._client.socket()
-        if isinstance(sock, socket.socket):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-        for _ in range(40):
-            if self._disconnected.done():
-                break
-            await asyncio.sleep(0.025)
 
 
 @dataclass(slots=True)
@@ -332,7 +194,6 @@ class Uplink:
         self._broker = BrokerAddress.from_url(mqtt_url)
         self._queue = queue
         self._version = version
-        self._on_command = on_command
         self._protocol = protocol
         self._window = window
         self._heartbeat_s = heartbeat_s
@@ -349,10 +210,10 @@ class Uplink:
         self._log = structlog.get_logger().bind(gateway_id=gateway_id)
         self._wake = asyncio.Event()
         self._status_due = asyncio.Event()
-        self._results_ready = asyncio.Event()
-        self._results: OrderedDict[Any, CommandResult] = OrderedDict()
-        self._seen_commands: OrderedDict[Any, None] = OrderedDict()
-        self._commands: asyncio.Queue[GatewayCommand] = asyncio.Queue(COMMANDS_WAITING)
+        self._results = ResultsOutbox(counters=self.counters, log=self._log)
+        self._commands = CommandWorker(
+            on_command=on_command, outbox=self._results, counters=self.counters, log=self._log
+        )
         self._connected = False
         self._started = time.monotonic()
 
@@ -368,7 +229,7 @@ class Uplink:
         self._started = time.monotonic()
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self._heartbeats())
-            tasks.create_task(self._execute_commands())
+            tasks.create_task(self._commands.run())
             tasks.create_task(self._sessions())
 
     # --- connection lifecycle ---------------------------------------------------------
@@ -428,7 +289,7 @@ class Uplink:
         self._wake.set()
         self._log.info("uplink_connected", broker=f"{self._broker.host}:{self._broker.port}")
 
-    def _make_client(self) -> _AckingClient:
+    def _make_client(self) -> AckingClient:
         kwargs: dict[str, Any]
         if self._protocol == "5":
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -440,7 +301,7 @@ class Uplink:
             }
         else:
             kwargs = {"protocol": aiomqtt.ProtocolVersion.V311, "clean_session": False}
-        return _AckingClient(
+        return AckingClient(
             self._broker.host,
             self._broker.port,
             username=self._broker.username,
@@ -455,7 +316,7 @@ class Uplink:
             **kwargs,
         )
 
-    async def _goodbye(self, client: _AckingClient) -> None:
+    async def _goodbye(self, client: AckingClient) -> None:
         """On shutdown: say offline ourselves, since a clean DISCONNECT skips the will."""
         with contextlib.suppress(Exception):
             payload = await self._status_payload("offline")
@@ -476,9 +337,9 @@ class Uplink:
         if code.is_failure:
             self.counters["publishes_refused"] += 1
             self._log.error("uplink_publish_refused", what=what, reason_code=str(code))
-            raise _PublishRefusedError(f"the broker refused {what}: {code}")
+            raise PublishRefusedError(f"the broker refused {what}: {code}")
 
-    async def _drain(self, client: _AckingClient, tasks: asyncio.TaskGroup) -> None:
+    async def _drain(self, client: AckingClient, tasks: asyncio.TaskGroup) -> None:
         flight = _Flight()
         while True:
             self._wake.clear()
@@ -497,7 +358,7 @@ class Uplink:
 
     def _start_envelope(
         self,
-        client: _AckingClient,
+        client: AckingClient,
         tasks: asyncio.TaskGroup,
         flight: _Flight,
         batch: list[QueuedEvent],
@@ -534,7 +395,7 @@ class Uplink:
         )
         return status.model_dump_json(exclude_none=True).encode()
 
-    async def _publish_statuses(self, client: _AckingClient) -> None:
+    async def _publish_statuses(self, client: AckingClient) -> None:
         while True:
             await self._status_due.wait()
             self._status_due.clear()
@@ -543,19 +404,16 @@ class Uplink:
             await self._confirmed(future, "the status")
             self.counters["status_published"] += 1
 
-    async def _publish_results(self, client: _AckingClient) -> None:
+    async def _publish_results(self, client: AckingClient) -> None:
         while True:
-            self._results_ready.clear()
-            for command_id, result in list(self._results.items()):
+            for command_id, result in self._results.pending():
                 payload = result.model_dump_json().encode()
                 await self._confirmed(
                     client.publish_start(self.topics.results, payload), "a command result"
                 )
-                if self._results.get(command_id) is result:
-                    del self._results[command_id]
+                self._results.sent(command_id, result)
                 self.counters["results_published"] += 1
-            if not self._results:
-                await self._results_ready.wait()
+            await self._results.wait()
 
     # --- heartbeats -------------------------------------------------------------------
 
@@ -587,74 +445,12 @@ class Uplink:
 
     # --- commands ---------------------------------------------------------------------
 
-    async def _receive(self, client: _AckingClient) -> None:
+    async def _receive(self, client: AckingClient) -> None:
         await client.subscribe(self.topics.commands, qos=1)
         self._connected = True
         async for message in client.messages:  # raises MqttError when the connection ends
             raw = message.payload
-            self._command_received(bytes(raw) if isinstance(raw, bytes | bytearray) else b"")
-
-    def _command_received(self, raw: bytes) -> None:
-        self.counters["commands_received"] += 1
-        decision = decide_command(raw, now=datetime.now(UTC))
-        if decision.reason is not None:
-            key = "invalid_commands" if decision.reason == "invalid" else "commands_expired"
-            self.counters[key] += 1
-            command_id = decision.result.command_id if decision.result else None
-            self._log.warning(
-                f"command_{decision.reason}", command_id=str(command_id), error=decision.error
-            )
-        if decision.result is not None:
-            self._answer(decision.result)
-        command = decision.command
-        if command is None:
-            return
-        if command.command_id in self._seen_commands:
-            self.counters["duplicate_commands"] += 1
-            return
-        self._seen_commands[command.command_id] = None
-        if len(self._seen_commands) > SEEN_COMMANDS:
-            self._seen_commands.popitem(last=False)
-        try:
-            self._commands.put_nowait(command)
-        except asyncio.QueueFull:
-            self.counters["commands_busy"] += 1
-            self._refuse(command, "busy")
-
-    async def _execute_commands(self) -> None:
-        """One at a time, outside any session: a lost connection never cancels a command."""
-        while True:
-            command = await self._commands.get()
-            if command.expires_at <= datetime.now(UTC):  # it waited behind others
-                self.counters["commands_expired"] += 1
-                self._refuse(command, "expired")
-                continue
-            log = self._log.bind(command_id=str(command.command_id), kind=command.kind)
-            try:
-                result = await self._on_command(command)
-            except Exception as exc:  # a failing handler is answered, not fatal
-                self.counters["commands_failed"] += 1
-                log.error("command_failed", error_type=type(exc).__name__, exc_info=exc)
-                self._refuse(command, f"{type(exc).__name__}: {exc}")
-            else:
-                self.counters["commands_executed"] += 1
-                log.info("command_executed", ok=result.ok)
-                self._answer(result)
-
-    def _refuse(self, command: GatewayCommand, error: str) -> None:
-        self._answer(
-            CommandResult(
-                command_id=command.command_id, ok=False, error=error[:500], time=datetime.now(UTC)
-            )
-        )
-
-    def _answer(self, result: CommandResult) -> None:
-        self._results[result.command_id] = result
-        if len(self._results) > RESULTS_KEPT:
-            dropped, _ = self._results.popitem(last=False)
-            self.counters["results_dropped"] += 1
-            self._log.warning("command_result_dropped", command_id=str(dropped))
-        self._results_ready.set()
+            self._commands.received(bytes(raw) if isinstance(raw, bytes | bytearray) else b"")
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:

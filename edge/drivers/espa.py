@@ -30,7 +30,8 @@ import structlog
 
 from devices.errors import InvalidEventError
 from devices.espa.codec import EspaCall, NationalVariant
-from devices.espa.session import EspaSlaveSession, to_events
+from devices.espa.mapping import to_events
+from devices.espa.session import EspaSlaveSession
 from devices.events import DeviceEvent, is_identifier
 
 log = structlog.get_logger(__name__)

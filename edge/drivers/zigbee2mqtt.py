@@ -29,7 +29,8 @@ Choices:
   timeout_s)``. The ``locked`` / ``unlocked`` event that confirms it carries the
   command's id in ``payload.command_id`` (only when its source is ``remote`` or
   ``unknown``: a keypad unlock at the same moment is someone else's). A jam, or an
-  ``unlock_failed`` from a remote source, fails the command at once.
+  ``unlock_failed`` from a remote source, fails the command at once. The confirmation
+  logic is in ``edge.drivers.zigbee2mqtt_commands``.
 
 ``counters`` adds the translator's counts (per parse-error reason, ``unknown_device``,
 ``ignored_*``) to the driver's: ``messages``, ``retained_messages``, ``events``,
@@ -44,31 +45,38 @@ import asyncio
 import contextlib
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
-from uuid import UUID
 
 import aiomqtt
 import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from devices.events import DeviceEvent, DeviceType, EventKind, LockPayload, parse_event
+from devices.events import DeviceEvent, DeviceType, EventKind, parse_event
 from devices.gateway import CommandResult, GatewayCommand
 from devices.ids import uuid7
 from devices.zigbee2mqtt import (
     DeviceBinding,
-    DeviceState,
     Zigbee2MqttError,
     Zigbee2MqttTranslator,
     lock_command,
     parse_topic,
 )
-from devices.zigbee2mqtt.codec import DeviceTopic, LockAction, parse_availability, parse_state
+from devices.zigbee2mqtt.codec import DeviceTopic, parse_availability, parse_state
 from devices.zigbee2mqtt.translator import DEFAULT_JAM_AFTER
-from edge.config import Zigbee2MqttConfig
-from edge.uplink import Backoff
+from edge.config_devices import Zigbee2MqttConfig
+from edge.drivers.zigbee2mqtt_commands import ACTIONS, Pending, Position, Settle, confirm
+from edge.mqtt_client import Backoff
+
+__all__ = [
+    "NOT_CONNECTED",
+    "STABLE_SESSION_S",
+    "MqttProtocol",
+    "Position",
+    "Sink",
+    "Zigbee2MqttDriver",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -76,85 +84,15 @@ Sink = Callable[[list[DeviceEvent]], Awaitable[None]]
 """Stores events durably; returns only once they are stored, raises if they are not."""
 
 MqttProtocol = Literal["3.1.1", "5"]
-Position = Literal["locked", "unlocked"]
 
 STABLE_SESSION_S = 30.0
 """A session that lasted this long resets the reconnect backoff."""
 
-_POSITION_BY_LOCK_STATE: dict[str, Position] = {"locked": "locked", "unlocked": "unlocked"}
-_POSITION_BY_STATE: dict[str, Position] = {
-    **dict.fromkeys(("LOCK", "LOCKED"), "locked"),
-    **dict.fromkeys(("UNLOCK", "UNLOCKED"), "unlocked"),
-}
-_ACTIONS: dict[str, tuple[LockAction, Position]] = {
-    "lock": ("lock", "locked"),
-    "unlock": ("unlock", "unlocked"),
-}
-_OURS = frozenset({"remote", "unknown"})
-"""Lock event sources that may be our own command (Zigbee ``rf``, or not reported)."""
 NOT_CONNECTED = "not connected to the local Zigbee2MQTT broker"
 
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-@dataclass(slots=True)
-class _Pending:
-    """A lock command waiting for the lock to report the requested position."""
-
-    command_id: UUID
-    position: Position
-    outcome: asyncio.Future[str | None]
-    """Resolves to None when confirmed, or to the reason the command failed."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Settle:
-    """A pending command decided by a message, to resolve once its events are stored."""
-
-    pending: _Pending
-    error: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class _Verdict:
-    position: Position | None = None
-    failure: str | None = None
-
-
-def _verdict(requested: Position, state: DeviceState, events: list[DeviceEvent]) -> _Verdict:
-    """What one state message from a lock says about a pending command.
-
-    A jam fails it, and so does an ``unlock_failed`` from a remote source when it asks to
-    unlock. A ``locked`` / ``unlocked`` event the translator made from the message gives the
-    position. Otherwise the message's ``lock_state`` (then ``state``) does, unless the
-    message carries an operation event (``action``): its cached position is the old one.
-    """
-    verdict = _Verdict()
-    for event in events:
-        if event.kind == EventKind.JAMMED:
-            return _Verdict(failure="the lock reported a jam")
-        if (
-            event.kind == EventKind.UNLOCK_FAILED
-            and requested == "unlocked"
-            and _source(event) in _OURS
-        ):
-            reason = getattr(event.payload, "reason", "unknown")
-            return _Verdict(failure=f"the lock refused to unlock: {reason}")
-        if event.kind in (EventKind.LOCKED, EventKind.UNLOCKED):
-            verdict = _Verdict("locked" if event.kind == EventKind.LOCKED else "unlocked")
-    if verdict.position is not None or state.action:
-        return verdict
-    position = _POSITION_BY_LOCK_STATE.get(state.lock_state or "")
-    if position is None and state.lock_state != "not_fully_locked":
-        position = _POSITION_BY_STATE.get(state.state or "")
-    return _Verdict(position)
-
-
-def _source(event: DeviceEvent) -> str:
-    payload = event.payload
-    return payload.source if isinstance(payload, LockPayload) else "unknown"
 
 
 class Zigbee2MqttDriver:
@@ -206,7 +144,7 @@ class Zigbee2MqttDriver:
         self._counts: Counter[str] = Counter()
         self._client: aiomqtt.Client | None = None
         self._order = asyncio.Lock()
-        self._pending: dict[str, _Pending] = {}
+        self._pending: dict[str, Pending] = {}
         self._last_heard: dict[str, datetime] = {}
         self._reported_offline: set[str] = set()
         self._offline_by_bridge: set[str] = set()
@@ -262,7 +200,7 @@ class Zigbee2MqttDriver:
     def _refusal(self, command: GatewayCommand, now: datetime) -> str | None:
         if command.expires_at <= now:
             return "expired"
-        if command.kind not in _ACTIONS:
+        if command.kind not in ACTIONS:
             return "not a Zigbee2MQTT command"
         name = self._names.get(command.device_id)
         if name is None or self._bindings[name].device_type is not DeviceType.DOOR_LOCK:
@@ -278,12 +216,12 @@ class Zigbee2MqttDriver:
         client = self._client
         if client is None:
             return NOT_CONNECTED
-        action, position = _ACTIONS[command.kind]
+        action, position = ACTIONS[command.kind]
         limit = timedelta(seconds=self.timeout_s)
         expires_first = command.expires_at < now + limit
         wait_s = ((command.expires_at - now) if expires_first else limit).total_seconds()
         outcome: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-        pending = _Pending(command.command_id, position, outcome)
+        pending = Pending(command.command_id, position, outcome)
         earlier = self._pending.get(command.device_id)
         if earlier is not None and not earlier.outcome.done():
             earlier.outcome.set_result(f"superseded by command {command.command_id}")
@@ -302,25 +240,6 @@ class Zigbee2MqttDriver:
         finally:
             if self._pending.get(command.device_id) is pending:
                 del self._pending[command.device_id]
-
-    def _confirm(
-        self, device_id: str, state: DeviceState, events: list[DeviceEvent]
-    ) -> _Settle | None:
-        """Decide the device's pending command from one message; tag the event it caused."""
-        pending = self._pending.get(device_id)
-        if pending is None or pending.outcome.done():
-            return None
-        verdict = _verdict(pending.position, state, events)
-        if verdict.failure is not None:
-            return _Settle(pending, verdict.failure)
-        if verdict.position != pending.position:
-            return None
-        kind = EventKind.LOCKED if pending.position == "locked" else EventKind.UNLOCKED
-        for i, event in enumerate(events):
-            if event.kind == kind and _source(event) in _OURS:
-                payload = event.payload.model_copy(update={"command_id": pending.command_id})
-                events[i] = event.model_copy(update={"payload": payload})
-        return _Settle(pending, None)
 
     # --- the connection ---------------------------------------------------------------
 
@@ -434,7 +353,7 @@ class Zigbee2MqttDriver:
 
     def _translate(
         self, topic: str, payload: bytes, now: datetime
-    ) -> tuple[list[DeviceEvent], str | None, _Settle | None]:
+    ) -> tuple[list[DeviceEvent], str | None, Settle | None]:
         """The message's events, the device it shows alive (if any), a command it settles."""
         events = self._translator.handle(topic, payload, now)
         route = parse_topic(topic, base_topic=self._base)  # it parsed in handle()
@@ -447,7 +366,7 @@ class Zigbee2MqttDriver:
         if route.kind == "availability":
             alive = parse_availability(payload)[0]
         elif binding.device_type is DeviceType.DOOR_LOCK:
-            settle = self._confirm(binding.device_id, parse_state(payload), events)
+            settle = confirm(self._pending.get(binding.device_id), parse_state(payload), events)
         return self._availability(events), binding.device_id if alive else None, settle
 
     def _device_of(self, topic: str) -> str | None:
