@@ -14,6 +14,8 @@ from pathlib import Path
 
 import psycopg
 
+from hub.bench.edge import run_edge_part
+from hub.bench.edge_report import EdgeReport, edge_summary, render_edge, write_edge_report
 from hub.bench.machine import _hub_settings, machine_facts
 from hub.bench.phases import Bench
 from hub.bench.report import DEFAULT_OUTPUT, render, write_report
@@ -42,6 +44,7 @@ async def _run(settings: HubSettings, *, quick: bool, output: Path) -> int:
     report = bench.report
     report.machine.update(machine_facts())
     status = 0
+    edge: EdgeReport | None = None
     with contextlib.ExitStack() as stack:
         try:
             services = await asyncio.to_thread(resolve_services, settings, scratch, stack)
@@ -51,6 +54,9 @@ async def _run(settings: HubSettings, *, quick: bool, output: Path) -> int:
             report.settings.update(_hub_settings(settings, bench))
             print(f"telecare bench: {services.database_label}; {services.broker_label}")
             await bench.run(services)
+            print("telecare bench: the edge part (edge daemons on the same services)")
+            edge, edge_ran = await run_edge_part(bench, services)
+            status = status or int(not edge_ran)
         except Exception as exc:
             status = 1
             report.notes.append(f"the run failed: {type(exc).__name__}: {exc}")
@@ -72,6 +78,9 @@ async def _run(settings: HubSettings, *, quick: bool, output: Path) -> int:
     report.seconds = time.monotonic() - started
     write_report(output, render(report, _command(quick, output)))
     _print_summary(report, output)
+    if edge is not None:
+        write_edge_report(output, render_edge(edge, _command(quick, output)))
+        print(f"telecare bench: edge: {edge_summary(edge)}")
     return status
 
 
