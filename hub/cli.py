@@ -21,9 +21,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
-import psycopg
 import structlog
-import uvicorn
 
 from devices.errors import TelecareError
 from devices.events import is_identifier
@@ -31,6 +29,10 @@ from hub.logs import configure_logging
 from hub.settings import HubSettings
 
 log = structlog.get_logger(__name__)
+
+
+# psycopg and uvicorn are imported where they are used: `telecare edge` runs on small
+# gateways and must not carry the hub's libraries in memory (docs/benchmarks.md, RSS).
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -155,6 +157,8 @@ def _dispatch(  # noqa: PLR0911 - one return per subcommand
 
 def run_hub(settings: HubSettings) -> int:
     """Serve the API with the runtime in its lifespan, until SIGINT or SIGTERM."""
+    import uvicorn
+
     from hub.api.app import create_app
 
     config = uvicorn.Config(
@@ -178,6 +182,8 @@ async def _migrate_only(settings: HubSettings) -> None:
 
 
 async def _admin_import(settings: HubSettings, path: Path) -> None:
+    import psycopg
+
     from hub.admin import import_registry, load_registry
     from hub.runtime import HubRuntime
 
