@@ -449,6 +449,11 @@ class Uplink:
         await client.subscribe(self.topics.commands, qos=1)
         self._connected = True
         async for message in client.messages:  # raises MqttError when the connection ends
+            if not message.topic.matches(self.topics.commands):
+                # Only a broker at fault sends anything else (amqtt 0.12 did); never read
+                # another topic's payload as a command.
+                self.counters["foreign_messages"] = self.counters.get("foreign_messages", 0) + 1
+                continue
             raw = message.payload
             self._commands.received(bytes(raw) if isinstance(raw, bytes | bytearray) else b"")
 

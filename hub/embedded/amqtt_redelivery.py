@@ -21,9 +21,22 @@ message away. ``install()`` replaces two methods of amqtt's ``BrokerProtocolHand
 * the resend on reconnect does not block the new connection (amqtt awaited every resend
   for up to 10 s inside ``start()`` and then dropped the rest).
 
+Two more faults of amqtt 0.12's ``Broker`` are patched here, found when the demo ran
+twenty edge daemons against it:
+
+* on every (re)connection it sent the retained messages matching *every* client's topic
+  filters to the new client (``for topic in self._subscriptions``), so an edge received
+  other gateways' retained statuses on its commands subscription; now a connecting
+  session gets the retained messages of its own filters only;
+* it iterated its subscription table while awaiting (a connect, a broadcast) and deleted
+  from it while iterating, so a client subscribing at the same moment crashed another
+  client's connection with "dictionary changed size during iteration"; the table now
+  iterates over a snapshot.
+
 The patch is tied to amqtt 0.12 (pinned in pyproject.toml); ``install()`` refuses to
-patch another version rather than guess. tests/integration/test_crash.py proves it: the
-SIGKILL test runs on the embedded broker.
+patch another version rather than guess. tests/integration/test_crash.py proves the
+redelivery (the SIGKILL test runs on the embedded broker and fails without it);
+tests/integration/test_embedded_services.py the other two.
 """
 
 from __future__ import annotations
@@ -79,7 +92,47 @@ def install() -> None:
 
     BrokerProtocolHandler._handle_qos1_message_flow = qos1_flow
     BrokerProtocolHandler._retry_deliveries = retry_deliveries
+    _patch_subscription_table()
     _installed = True
+
+
+class SnapshotDict(dict[str, Any]):
+    """A dict whose iteration works on a copy: safe to change while a loop awaits."""
+
+    def __iter__(self) -> Any:
+        return iter(list(super().keys()))
+
+    def items(self) -> Any:
+        return list(super().items())
+
+    def keys(self) -> Any:
+        return list(super().keys())
+
+    def values(self) -> Any:
+        return list(super().values())
+
+
+def _patch_subscription_table() -> None:
+    from amqtt.broker import Broker
+
+    original_init = Broker.__init__
+    original_retained = Broker._publish_retained_messages_for_subscription
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        self._subscriptions = SnapshotDict(self._subscriptions)
+
+    async def retained_for_own_filters(
+        self: Any, subscription: tuple[str, int], session: Any
+    ) -> None:
+        topic_filter = subscription[0]
+        subscribers = self._subscriptions.get(topic_filter, [])
+        if not any(s.client_id == session.client_id for s, _qos in subscribers):
+            return  # another client's filter: not for this session
+        await original_retained(self, subscription, session)
+
+    Broker.__init__ = init
+    Broker._publish_retained_messages_for_subscription = retained_for_own_filters
 
 
 async def _deliver_qos1(handler: Any, message: Any) -> None:

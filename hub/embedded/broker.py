@@ -19,6 +19,13 @@ Found by experiment with amqtt 0.12.1, aiomqtt 2.5.1 and paho-mqtt 2.2:
   when the session reconnects, as MQTT 3.1.1 requires. Sessions still live in memory only:
   when the broker's process dies, so does what it held (see "In-process broker" in
   docs/architecture.md).
+* **Retained messages and the subscription table: patched.** amqtt 0.12 sent each new
+  connection the retained messages matching *any* client's filters, and iterated its
+  subscription table while awaiting; both are fixed in ``amqtt_redelivery.py``.
+* **A silent client is never timed out**: its last will is published only when its
+  connection is reset, not after the keep-alive (an edge test of the will by keep-alive
+  is skipped on this broker). Sockets of connections closed before CONNECT leak
+  (ResourceWarning in test runs).
 * **In-flight window: unbounded.** With paho manual acknowledgement the broker keeps
   sending while earlier messages are unacked: all 2000 of 2000 published messages
   arrived with none acked. There is no receive-maximum or inflight limit (packet ids,

@@ -239,3 +239,47 @@ def test_broker_thread_serves_synchronous_callers() -> None:
     assert payload == b"pong"
     with pytest.raises(ConnectionRefusedError), socket.create_connection((host, port), timeout=2):
         pass
+
+
+@pytest.mark.asyncio
+async def test_broker_sends_a_new_connection_only_the_retained_messages_of_its_own_filters(
+) -> None:
+    """amqtt 0.12 sent every client's retained matches to each new connection (patched)."""
+    async with EmbeddedBroker() as url:
+        host, port = _host_port(url)
+        async with asyncio.timeout(MQTT_TIMEOUT_S):
+            async with aiomqtt.Client(host, port, identifier="gw-a") as gateway:
+                await gateway.publish("gw/a/status", b"online", qos=1, retain=True)
+            # Someone else holds a filter that matches that retained status.
+            async with aiomqtt.Client(host, port, identifier="watcher") as watcher:
+                await watcher.subscribe("gw/+/status", qos=1)
+                # A new client subscribed only to its commands must not get the status.
+                async with aiomqtt.Client(host, port, identifier="gw-b") as other:
+                    await other.subscribe("gw/b/commands", qos=1)
+                    await other.publish("gw/b/commands", b"unlock", qos=1)
+                    first = await anext(aiter(other.messages))
+    assert first.payload == b"unlock"
+    assert first.topic.matches("gw/b/commands")
+
+
+@pytest.mark.asyncio
+async def test_broker_survives_many_clients_subscribing_at_once() -> None:
+    """amqtt 0.12 iterated its subscription table while awaiting (patched: a snapshot)."""
+    async with EmbeddedBroker() as url:
+        host, port = _host_port(url)
+        async with aiomqtt.Client(host, port, identifier="retainer") as retainer:
+            for i in range(20):
+                await retainer.publish(f"site/{i}/status", b"online", qos=1, retain=True)
+
+        async def one(i: int) -> bytes:
+            async with aiomqtt.Client(host, port, identifier=f"edge-{i}",
+                                      clean_session=False) as client:
+                await client.subscribe(f"site/{i}/status", qos=1)
+                message = await anext(aiter(client.messages))
+                assert isinstance(message.payload, bytes)
+                return message.payload
+
+        async with asyncio.timeout(MQTT_TIMEOUT_S * 3):
+            for _ in range(2):  # the second round reconnects persistent sessions
+                got = await asyncio.gather(*(one(i) for i in range(20)))
+                assert got == [b"online"] * 20
