@@ -3,7 +3,7 @@
     telecare hub                 run the hub (ingest, alarms, HTTP API)
     telecare db migrate          apply database migrations
     telecare admin import FILE   import the registry from YAML or JSON (idempotent)
-    telecare demo                the hub on embedded services with 20 simulated homes
+    telecare demo                the hub on embedded services with simulated homes on edge daemons
     telecare simulate            simulated homes on real edge daemons, to TELECARE_MQTT_URL
     telecare bench               measure ingest and alarm latency; writes docs/benchmarks.md
     telecare edge --config FILE  run an edge gateway daemon (edge/; see docs/deploy/)
