@@ -228,13 +228,15 @@ class EdgeDaemon:
                 tasks.create_task(self.uplink.run(), name="uplink")
                 tasks.create_task(self._supervise(), name="supervision")
                 tasks.create_task(self._report(), name="report")
+                names = []
                 for name, runner in self._drivers():
                     tasks.create_task(runner, name=name)
+                    names.append(name)
                 log.info(
                     "edge_started",
                     gateway_id=cfg.gateway_id,
                     version=self.version,
-                    drivers=sorted(self.drivers),
+                    drivers=names,
                 )
                 self.started.set()
         finally:
