@@ -73,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run the benchmarks and write docs/benchmarks.md")
     bench.add_argument("--quick", action="store_true", help="short runs, for a smoke test")
     bench.add_argument("--output", type=Path, default=Path("docs/benchmarks.md"))
+    bench.add_argument("--edge-only", action="store_true",
+                       help="only the edge part (writes only its block of the report)")
     edge = sub.add_parser("edge", help="run an edge gateway daemon from its TOML config")
     edge.add_argument("--config", type=Path, required=True, help="edge.toml")
     return parser
@@ -144,6 +146,10 @@ def _dispatch(  # noqa: PLR0911 - one return per subcommand
             work_dir=args.work_dir, start=args.start, prefix=args.prefix,
         )
     if args.command == "bench":
+        if args.edge_only:
+            from hub.bench.edge import run_edge_only
+
+            return asyncio.run(run_edge_only(settings, quick=args.quick, output=args.output))
         from hub.bench import run_bench
 
         return run_bench(settings, quick=args.quick, output=args.output)
