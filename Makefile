@@ -6,6 +6,12 @@ PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# PGlite with TimescaleDB for the storage tests (tests/timescale/README.md): installed
+# when Node and npm are here; without them those tests skip and say why.
+TIMESCALE := tests/timescale
+TIMESCALE_STAMP := $(TIMESCALE)/node_modules/.installed-stamp
+NODE_TOOLS := $(shell command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 && echo yes)
+TEST_DEPS := $(STAMP) $(if $(NODE_TOOLS),$(TIMESCALE_STAMP))
 
 .PHONY: demo test test-unit test-integration lint bench clean
 
@@ -18,6 +24,10 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	@touch $(STAMP)
 
+$(TIMESCALE_STAMP): $(TIMESCALE)/package.json $(TIMESCALE)/package-lock.json
+	npm ci --prefix $(TIMESCALE) --no-audit --no-fund
+	@touch $@
+
 demo: $(STAMP)
 	$(BIN)/telecare demo
 
@@ -29,13 +39,13 @@ define run_pytest
 	exit $$rc
 endef
 
-test: $(STAMP) lint
+test: $(TEST_DEPS) lint
 	$(call run_pytest,tests)
 
 test-unit: $(STAMP)
 	$(call run_pytest,tests/unit)
 
-test-integration: $(STAMP)
+test-integration: $(TEST_DEPS)
 	$(call run_pytest,tests/integration tests/e2e)
 
 lint: $(STAMP)
@@ -47,4 +57,4 @@ bench: $(STAMP)
 	$(BIN)/telecare bench
 
 clean:
-	rm -rf $(VENV) .telecare .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .telecare .pytest_cache .mypy_cache .ruff_cache $(TIMESCALE)/node_modules

@@ -22,6 +22,7 @@ from hub.db.partitions import maintain
 from hub.ingest import Ingest
 from hub.metrics import HubMetrics
 from hub.settings import HubSettings, MqttEndpoint
+from hub.store.writer import EventWriter
 from hub.supervision import GatewaySupervisor
 
 log = structlog.get_logger(__name__)
@@ -83,6 +84,7 @@ class HubRuntime:
                 pool=self.pool,
                 metrics=self.metrics,
                 embedded_broker=self._embedded_broker is not None,
+                writer=EventWriter(copy=s.storage.use_copy),
             )
             self._tasks.append(asyncio.create_task(self.ingest.run(), name="ingest"))
             self.supervisor = GatewaySupervisor(self.pool, s.supervision)

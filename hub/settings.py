@@ -82,6 +82,12 @@ class StorageSettings(BaseModel):
         "daily partitions. Chosen at the first migration and kept.",
     )
     events_retention_days: int = Field(default=180, ge=1)
+    use_copy: bool = Field(
+        default=True,
+        description="Write event batches with COPY (the fastest way). Set false where the "
+        "server's wire protocol has no COPY FROM STDIN, as with PGlite behind its socket "
+        "(the TimescaleDB test backend): batches then go in as multi-row INSERTs.",
+    )
     partitions_ahead_days: int = Field(default=7, ge=1)
     maintenance_interval_s: int = Field(default=3600, ge=10)
     pool_min_size: int = 2

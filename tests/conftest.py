@@ -17,6 +17,9 @@ import pytest
 from hub.db.migrate import migrate
 from tests.support import REAL_MQTT_URL, REAL_PG_URL, reachable
 
+# PGlite with TimescaleDB in a Node process, one per test (tests/timescale_fixture.py).
+from tests.timescale_fixture import timescale_url  # noqa: F401 - registers the fixture
+
 
 def _use_real() -> tuple[bool, bool]:
     if os.environ.get("TELECARE_TEST_SERVICES") == "embedded":

@@ -2,10 +2,11 @@
 
 A migration is ``NNNN_name.sql``. Where the storage backend matters there are two
 variants, ``NNNN_name@native.sql`` and ``NNNN_name@timescaledb.sql``; the backend is
-chosen once, at the first migration (TimescaleDB if the extension is available, unless
-settings say otherwise), and recorded in ``telecare_meta``. Each migration runs in its
-own transaction under an advisory lock, so two hub processes starting together apply
-each migration once. An applied migration whose file has changed is an error.
+chosen once (TimescaleDB if the extension can be created here, unless settings say
+otherwise) and recorded in ``telecare_meta`` with the first variant migration, in its
+transaction. Each migration runs in its own transaction under an advisory lock, so two
+hub processes starting together apply each migration once. An applied migration whose
+file has changed is an error.
 """
 
 from __future__ import annotations
@@ -59,7 +60,10 @@ def load_migrations(backend: Backend) -> list[Migration]:
 
 
 async def detect_backend(conn: psycopg.AsyncConnection[Any], choice: BackendChoice) -> Backend:
-    """The backend recorded earlier, else the one ``choice`` and the server allow."""
+    """The backend recorded earlier, else the one ``choice`` and the server allow.
+
+    Choosing TimescaleDB creates the extension (``conn`` in autocommit mode).
+    """
     cur = await conn.execute("SELECT to_regclass('telecare_meta') IS NOT NULL")
     row = await cur.fetchone()
     if row and row[0]:
@@ -72,15 +76,42 @@ async def detect_backend(conn: psycopg.AsyncConnection[Any], choice: BackendChoi
                     f"this database was set up for {backend}; it cannot be switched to {choice}"
                 )
             return backend
+    if choice == "native":
+        return "native"
+    refused = await create_timescaledb(conn)
+    if refused is None:
+        return "timescaledb"
+    if choice == "timescaledb":
+        raise MigrationError(f"TimescaleDB was asked for but {refused}")
+    if refused != _NOT_AVAILABLE:
+        log.warning("timescaledb_unusable", reason=refused, backend="native")
+    return "native"
+
+
+_NOT_AVAILABLE = "the extension is not available"
+
+
+async def create_timescaledb(conn: psycopg.AsyncConnection[Any]) -> str | None:
+    """Create the TimescaleDB extension if it is not there; None if that worked, else why.
+
+    Being listed in ``pg_available_extensions`` is not enough: a server that has the files
+    but not ``shared_preload_libraries = 'timescaledb'``, or a role that may not create
+    extensions, fails at ``CREATE EXTENSION``. Trying it in a transaction that is rolled
+    back is no test either: the library stays loaded in the session, and TimescaleDB then
+    refuses the real CREATE EXTENSION in that session ("already been loaded with another
+    version"). So it is created for real, the first time, here.
+    """
     cur = await conn.execute(
         "SELECT count(*) FROM pg_available_extensions WHERE name = 'timescaledb'"
     )
-    available = bool((await cur.fetchone() or (0,))[0])
-    if choice == "timescaledb" and not available:
-        raise MigrationError("TimescaleDB was asked for but the extension is not available")
-    if choice == "native" or not available:
-        return "native"
-    return "timescaledb"
+    if not (await cur.fetchone() or (0,))[0]:
+        return _NOT_AVAILABLE
+    try:
+        async with conn.transaction():
+            await conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+    except psycopg.Error as exc:
+        return f"CREATE EXTENSION timescaledb failed: {str(exc).strip()}"
+    return None
 
 
 async def migrate(url: str, *, backend_choice: BackendChoice = "auto") -> list[int]:
@@ -109,11 +140,6 @@ async def _migrate_locked(
         );
         """
     )
-    await conn.execute(
-        "INSERT INTO telecare_meta (key, value) VALUES ('storage_backend', %s)"
-        " ON CONFLICT (key) DO NOTHING",
-        (backend,),
-    )
     cur = await conn.execute("SELECT version, checksum FROM schema_migrations")
     applied = dict(await cur.fetchall())
     done: list[int] = []
@@ -127,6 +153,15 @@ async def _migrate_locked(
             continue
         try:
             async with conn.transaction():
+                if migration.variant is not None:
+                    # Recorded with the first migration that depends on it, in its
+                    # transaction: if that migration fails (CREATE EXTENSION refused),
+                    # nothing is recorded and the hub can start again as native.
+                    await conn.execute(
+                        "INSERT INTO telecare_meta (key, value) VALUES ('storage_backend', %s)"
+                        " ON CONFLICT (key) DO NOTHING",
+                        (backend,),
+                    )
                 await conn.execute(migration.sql.encode())
                 await conn.execute(
                     "INSERT INTO schema_migrations (version, name, variant, checksum)"

@@ -3,7 +3,10 @@
 Native partitioning: one partition a UTC day, ``events_pYYYYMMDD``. Rows that arrived
 before their day's partition existed sit in ``events_default``; creating the partition
 moves them in the same transaction. TimescaleDB: chunks are automatic; retention is a
-policy set from settings.
+policy set from settings, replaced only when the setting changed.
+
+Maintenance runs under an advisory lock: two hub processes starting together would
+otherwise both create the same partition, and one of them would fail to start.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from psycopg import sql
 log = structlog.get_logger(__name__)
 
 _PARTITION_RE = re.compile(r"^events_p(\d{8})$")
+_LOCK_KEY = 0x7E1EC4AF  # pg_advisory_lock key for maintenance (migrations use ...AE)
 
 
 @dataclass
@@ -94,7 +98,27 @@ async def maintain(
     ahead_days: int,
     retention_days: int,
 ) -> MaintenanceReport:
-    """Create partitions from yesterday to ``ahead_days`` ahead; drop those past retention."""
+    """Create partitions from yesterday to ``ahead_days`` ahead; drop those past retention.
+
+    ``conn`` must be in autocommit mode (each step is its own transaction).
+    """
+    await conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
+    try:
+        return await _maintain_locked(
+            conn, today=today, ahead_days=ahead_days, retention_days=retention_days
+        )
+    finally:
+        if not conn.closed:  # a lost connection has released the lock with its session
+            await conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
+
+
+async def _maintain_locked(
+    conn: psycopg.AsyncConnection[Any],
+    *,
+    today: date,
+    ahead_days: int,
+    retention_days: int,
+) -> MaintenanceReport:
     backend = await storage_backend(conn)
     report = MaintenanceReport(backend=backend)
     if backend == "timescaledb":
@@ -129,8 +153,23 @@ async def maintain(
 
 
 async def _timescale_retention(conn: psycopg.AsyncConnection[Any], days: int) -> None:
+    """Set the retention policy on ``events`` to ``days``, unless it is that already.
+
+    Replacing it on every run would make a new job each hour and restart its schedule.
+    """
     async with conn.transaction():
+        cur = await conn.execute(
+            "SELECT (config->>'drop_after')::interval = make_interval(days => %s)"
+            " FROM timescaledb_information.jobs"
+            " WHERE proc_name = 'policy_retention' AND hypertable_schema = current_schema()"
+            " AND hypertable_name = 'events'",
+            (days,),
+        )
+        current = await cur.fetchall()
+        if current == [(True,)]:
+            return
         await conn.execute("SELECT remove_retention_policy('events', if_exists => true)")
         await conn.execute(
             "SELECT add_retention_policy('events', make_interval(days => %s))", (days,)
         )
+    log.info("retention_policy_set", days=days)

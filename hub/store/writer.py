@@ -8,10 +8,14 @@ redelivers it.
 Events go in with COPY (binary) straight into ``events`` (a batch of a few rows, such as
 an alarm, goes in as one multi-row INSERT ... ON CONFLICT DO NOTHING instead). If the
 batch holds an id that is already stored (a redelivery), that COPY fails on the primary
-key and the transaction
-is done again through a staging table and ``INSERT ... ON CONFLICT DO NOTHING``:
-duplicates are counted, never stored twice. Redeliveries are rare, so the fast path is
-the usual one.
+key and the transaction is done again through a staging table and ``INSERT ... ON
+CONFLICT DO NOTHING``: duplicates are counted, never stored twice. Redeliveries are rare,
+so the fast path is the usual one.
+
+``EventWriter(copy=False)`` (setting ``TELECARE_STORAGE__USE_COPY=false``) never uses
+COPY: every batch goes in as multi-row INSERTs of up to ``INSERT_BATCH_ROWS`` rows. That
+is for servers whose wire protocol has no COPY FROM STDIN, such as PGlite behind its
+socket.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ _EVENT_TYPES = [
 ]
 SMALL_BATCH_ROWS = 20
 """Up to this many rows a batch is one INSERT (one round trip); above it, COPY."""
+INSERT_BATCH_ROWS = 1000
+"""Rows per INSERT statement when COPY is off (9 parameters a row; the limit is 65535)."""
 _ROW_PLACEHOLDER = "(" + ", ".join(["%s"] * 9) + ")"
 _COPY_EVENTS = f"COPY events ({EVENT_COLUMNS}) FROM STDIN (FORMAT BINARY)"
 _COPY_STAGE = f"COPY events_stage ({EVENT_COLUMNS}) FROM STDIN (FORMAT BINARY)"
@@ -179,8 +185,10 @@ class EventWriter:
     LAST_SEEN_EVERY_S = 5.0
     """``gateways.last_seen_at`` is written at most this often per gateway and process."""
 
-    def __init__(self, registry: GatewayRegistry | None = None) -> None:
+    def __init__(self, registry: GatewayRegistry | None = None, *, copy: bool = True) -> None:
         self.registry = registry or GatewayRegistry()
+        self.copy = copy
+        """False: multi-row INSERTs only, for servers without COPY FROM STDIN."""
         self._last_seen_written: dict[str, float] = {}
 
     async def write(
@@ -275,18 +283,15 @@ class EventWriter:
         *,
         staged: bool,
     ) -> set[UUID] | None:
-        """COPY the rows in; returns the ids inserted, or None meaning all of them."""
+        """COPY the rows in, or INSERT them; returns the ids inserted, or None meaning all."""
         if not rows:
             return set()
-        if len(rows) <= SMALL_BATCH_ROWS:
-            # One round trip, where COPY takes several: what an alarm usually is.
-            placeholders = ", ".join([_ROW_PLACEHOLDER] * len(rows))
-            cur = await conn.execute(
-                f"INSERT INTO events ({EVENT_COLUMNS}) VALUES {placeholders}"
-                " ON CONFLICT DO NOTHING RETURNING id".encode(),
-                [value for row in rows for value in row],
-            )
-            inserted = {row[0] for row in await cur.fetchall()}
+        if len(rows) <= SMALL_BATCH_ROWS or not self.copy:
+            # A small batch (what an alarm usually is) is one round trip, where COPY takes
+            # several. With COPY off, every batch goes this way.
+            inserted: set[UUID] = set()
+            for start in range(0, len(rows), INSERT_BATCH_ROWS):
+                inserted |= await self._insert(conn, rows[start : start + INSERT_BATCH_ROWS])
             result.inserted += len(inserted)
             result.duplicates += len(rows) - len(inserted)
             return inserted
@@ -301,6 +306,19 @@ class EventWriter:
         result.inserted += len(inserted)
         result.duplicates += len(rows) - len(inserted)
         return inserted
+
+    @staticmethod
+    async def _insert(
+        conn: psycopg.AsyncConnection[Any], rows: Sequence[tuple[object, ...]]
+    ) -> set[UUID]:
+        """One multi-row INSERT ... ON CONFLICT DO NOTHING; the ids it inserted."""
+        placeholders = ", ".join([_ROW_PLACEHOLDER] * len(rows))
+        cur = await conn.execute(
+            f"INSERT INTO events ({EVENT_COLUMNS}) VALUES {placeholders}"
+            " ON CONFLICT DO NOTHING RETURNING id".encode(),
+            [value for row in rows for value in row],
+        )
+        return {row[0] for row in await cur.fetchall()}
 
     @staticmethod
     async def _copy(
