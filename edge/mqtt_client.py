@@ -20,6 +20,7 @@ from urllib.parse import unquote, urlsplit
 
 import aiomqtt
 import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -130,3 +131,13 @@ class AckingClient(aiomqtt.Client):
             if self._disconnected.done():
                 break
             await asyncio.sleep(0.025)
+
+
+def persistent_session(protocol: str, session_expiry_s: int) -> dict[str, Any]:
+    """aiomqtt.Client keyword arguments for a session the broker keeps across reconnects:
+    MQTT 5 without clean start and with a session expiry, or 3.1.1 without clean session."""
+    if protocol == "5":
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = session_expiry_s
+        return {"protocol": aiomqtt.ProtocolVersion.V5, "clean_start": False, "properties": props}
+    return {"protocol": aiomqtt.ProtocolVersion.V311, "clean_session": False}

@@ -28,12 +28,10 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Literal
 
 import aiomqtt
 import structlog
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from devices.events import MAX_EVENTS_PER_ENVELOPE, is_identifier, make_event
@@ -48,7 +46,13 @@ from edge.commands import (
     decide_command,
 )
 from edge.errors import QueueError
-from edge.mqtt_client import AckingClient, Backoff, BrokerAddress, PublishRefusedError
+from edge.mqtt_client import (
+    AckingClient,
+    Backoff,
+    BrokerAddress,
+    PublishRefusedError,
+    persistent_session,
+)
 from edge.queue import AsyncEdgeQueue, Priority, QueuedEvent
 
 __all__ = [
@@ -290,17 +294,7 @@ class Uplink:
         self._log.info("uplink_connected", broker=f"{self._broker.host}:{self._broker.port}")
 
     def _make_client(self) -> AckingClient:
-        kwargs: dict[str, Any]
-        if self._protocol == "5":
-            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            props.SessionExpiryInterval = self._session_expiry_s
-            kwargs = {
-                "protocol": aiomqtt.ProtocolVersion.V5,
-                "clean_start": False,
-                "properties": props,
-            }
-        else:
-            kwargs = {"protocol": aiomqtt.ProtocolVersion.V311, "clean_session": False}
+        kwargs = persistent_session(self._protocol, self._session_expiry_s)
         return AckingClient(
             self._broker.host,
             self._broker.port,

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.support import ROOT
+from tests.support import ROOT, ChildProcess
 
 
 @dataclass
@@ -75,7 +74,7 @@ def _toml(value: Any) -> str:
     return f'"{value}"'
 
 
-class EdgeProcess:
+class EdgeProcess(ChildProcess):
     """``python -m hub edge --config FILE`` in a child process, as systemd would run it."""
 
     def __init__(self, config: Path) -> None:
@@ -94,19 +93,3 @@ class EdgeProcess:
         log.close()
         return self
 
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        assert self.process is not None
-        self.process.send_signal(sig)
-        self.process.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=15)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -69,7 +69,31 @@ async def wait_until_async(
         await asyncio.sleep(interval)
 
 
-class HubProcess:
+class ChildProcess:
+    """A product command in a child process: ``process`` and ``log_path`` set by the subclass."""
+
+    process: subprocess.Popen[bytes] | None
+    log_path: Path
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class HubProcess(ChildProcess):
     """``python -m hub hub`` in a child process, as an operator would run it."""
 
     def __init__(
@@ -123,20 +147,6 @@ class HubProcess:
             self.kill()
             raise
         return self
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(sig)
-            self.process.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
 
     def metric(self, name: str) -> float:
         """A counter from ``/metrics`` (summed over labels)."""

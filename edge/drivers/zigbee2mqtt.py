@@ -46,12 +46,10 @@ import contextlib
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Literal
 
 import aiomqtt
 import structlog
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from devices.events import DeviceEvent, DeviceType, EventKind, parse_event
 from devices.gateway import CommandResult, GatewayCommand
@@ -67,7 +65,7 @@ from devices.zigbee2mqtt.codec import DeviceTopic, parse_availability, parse_sta
 from devices.zigbee2mqtt.translator import DEFAULT_JAM_AFTER
 from edge.config_devices import Zigbee2MqttConfig
 from edge.drivers.zigbee2mqtt_commands import ACTIONS, Pending, Position, Settle, confirm
-from edge.mqtt_client import Backoff
+from edge.mqtt_client import Backoff, persistent_session
 
 __all__ = [
     "NOT_CONNECTED",
@@ -289,17 +287,7 @@ class Zigbee2MqttDriver:
                 await client.__aexit__(None, None, None)
 
     def _make_client(self) -> aiomqtt.Client:
-        kwargs: dict[str, Any]
-        if self._protocol == "5":
-            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            props.SessionExpiryInterval = self._session_expiry_s
-            kwargs = {
-                "protocol": aiomqtt.ProtocolVersion.V5,
-                "clean_start": False,
-                "properties": props,
-            }
-        else:
-            kwargs = {"protocol": aiomqtt.ProtocolVersion.V311, "clean_session": False}
+        kwargs = persistent_session(self._protocol, self._session_expiry_s)
         password = self._config.password
         return aiomqtt.Client(
             self._config.host,
