@@ -171,6 +171,16 @@ class SerialLink:
             self._log.exception("serial_callback_failed", callback=name)
 
 
+async def read_within(read: Callable[[], Awaitable[bytes]], timeout_s: float) -> bytes | None:
+    """What ``read()`` returns within ``timeout_s``: ``None`` if nothing came in time (the
+    caller's cue to run its timers), ``b""`` at the end of the stream."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await read()
+    except TimeoutError:
+        return None
+
+
 async def _close(writer: asyncio.StreamWriter) -> None:
     """Close the transport and wait (briefly) until pyserial has closed the port."""
     writer.close()

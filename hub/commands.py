@@ -12,7 +12,6 @@ command, so an unlock is never done late.
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 from uuid import UUID
@@ -172,8 +171,3 @@ async def record_results(
         matched += cur.rowcount
     return matched
 
-
-def describe(command: dict[str, Any]) -> dict[str, Any]:
-    """JSON-ready (params are already a dict)."""
-    return {k: (json.loads(v) if k == "params" and isinstance(v, str) else v)
-            for k, v in command.items()}

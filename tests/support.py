@@ -69,6 +69,11 @@ async def wait_until_async(
         await asyncio.sleep(interval)
 
 
+async def settled(value: Any) -> Any:
+    """``value`` as an awaitable, for ``wait_until_async(lambda: settled(check()))``."""
+    return value
+
+
 class ChildProcess:
     """A product command in a child process: ``process`` and ``log_path`` set by the subclass."""
 

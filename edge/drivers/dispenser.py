@@ -61,6 +61,7 @@ from devices.dispenser.session import (
 from devices.errors import InvalidEventError
 from devices.events import DeviceEvent, is_identifier
 from devices.gateway import CommandResult, GatewayCommand
+from edge.serial_port import read_within
 
 log = structlog.get_logger(__name__)
 
@@ -221,13 +222,10 @@ class DispenserDriver:
     async def _serve(self, line: _Line, reader: asyncio.StreamReader) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            data = b""
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.tick_interval):
-                    data = await reader.read(self._read_size)
-                if not data:
-                    self._totals["end_of_stream"] += 1
-                    return
+            data = await read_within(lambda: reader.read(self._read_size), self.tick_interval)
+            if data == b"":
+                self._totals["end_of_stream"] += 1
+                return
             if data:
                 await self._data_received(line, data)
             await self._store_unstored(line, loop.time())

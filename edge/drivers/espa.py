@@ -33,6 +33,7 @@ from devices.espa.codec import EspaCall, NationalVariant
 from devices.espa.mapping import to_events
 from devices.espa.session import EspaSlaveSession
 from devices.events import DeviceEvent, is_identifier
+from edge.serial_port import read_within
 
 log = structlog.get_logger(__name__)
 
@@ -123,13 +124,10 @@ class EspaDriver:
     ) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            data = b""
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.tick_interval):
-                    data = await reader.read(self._read_size)
-                if not data:
-                    self._totals["end_of_stream"] += 1
-                    return
+            data = await read_within(lambda: reader.read(self._read_size), self.tick_interval)
+            if data == b"":
+                self._totals["end_of_stream"] += 1
+                return
             if data:
                 await self._data_received(session, data, loop.time())
             session.tick(loop.time())

@@ -69,6 +69,7 @@ from devices.dispenser.session import (
     EventDelivered,
     EventFailed,
 )
+from edge.serial_port import read_within
 from simulators.devices.pty import SimSerialPort
 
 log = structlog.get_logger(__name__)
@@ -297,10 +298,7 @@ class SimDispenser:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            data = b""
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._tick_s):
-                    data = await self._port.read()
+            data = await read_within(self._port.read, self._tick_s)
             now = loop.time()
             outputs = self._session.receive_data(data) if data else []
             outputs += self._session.tick(now)

@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 
 from devices.espa.codec import EspaCall
 from devices.espa.session import CallOutcome, EspaMasterSession
+from edge.serial_port import read_within
 from simulators.devices.pty import SimSerialPort
 
 Clock = Callable[[], datetime]
@@ -183,10 +184,7 @@ class SimNurseCallCentral:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            data = b""
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._tick_s):
-                    data = await self._port.read()
+            data = await read_within(self._port.read, self._tick_s)
             now = loop.time()
             if data:
                 self._session.receive_data(data, now=now)

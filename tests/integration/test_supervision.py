@@ -24,6 +24,7 @@ from tests.support import (
     home_registry,
     publish,
     register,
+    settled,
     stop_quietly,
     wait_until_async,
 )
@@ -162,12 +163,12 @@ async def test_devices_offline_behind_a_live_gateway_make_one_alarm_until_the_la
     await send("device_offline", "smoke", "smoke_detector")
     alarm = await _one(hub, gateway, "a device alarm", category="offline",
                        resident_id=f"res-{gateway}")
-    await wait_until_async(lambda: _async(_detail(hub, alarm["id"])["trigger_count"] == 2),
+    await wait_until_async(lambda: settled(_detail(hub, alarm["id"])["trigger_count"] == 2),
                            timeout=10, what="the second device joined")
     await send("device_online", "pendant", "safety_alarm")
     await send("heartbeat", gateway, "gateway")  # something after, to be sure it was seen
     await wait_until_async(
-        lambda: _async(len(_detail(hub, alarm["id"])["triggers"]) == 3), timeout=10,
+        lambda: settled(len(_detail(hub, alarm["id"])["triggers"]) == 3), timeout=10,
         what="the first clearing event on the timeline",
     )
     assert _detail(hub, alarm["id"])["state"] == "raised"  # the smoke detector is still out
@@ -175,6 +176,3 @@ async def test_devices_offline_behind_a_live_gateway_make_one_alarm_until_the_la
     await _one(hub, gateway, "resolved", id=alarm["id"], state="resolved")
     assert len(_alarms(hub, gateway, category="offline")) == 1
 
-
-async def _async(value: bool) -> bool:
-    return value
